@@ -1,0 +1,309 @@
+"""A Hypothesis gradient check for every differentiable op in the registry.
+
+Each test draws random shapes (with broadcasting and size-1 dims) and values, and
+checks backward() against central finite differences in float64 via `gradcheck`.
+`test_every_op_has_a_gradient_test` fails when an op is added without one.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+import tinygrad_lite.functional as F
+from tinygrad_lite import Function, Tensor, backend, concatenate, gradcheck, where
+
+from strategies import (arrays, away_from_zero, axes, broadcastable_shapes, distinct,
+                        matmul_shapes, shapes, small_dims, tensor)
+
+GRADIENT_TESTED: set[str] = set()
+
+
+def checks(*op_names):
+    """Mark a test as the gradient check of these registry ops."""
+    GRADIENT_TESTED.update(op_names)
+    return lambda test: test
+
+
+# --- arithmetic --------------------------------------------------------------------------
+
+BINARY = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b}
+
+
+@checks("Add", "Sub", "Mul")
+@pytest.mark.parametrize("name", sorted(BINARY))
+@given(data=st.data())
+def test_add_sub_mul(name, data):
+    shape_a, shape_b = data.draw(broadcastable_shapes())
+    a, b = tensor(data.draw(arrays(shape_a))), tensor(data.draw(arrays(shape_b)))
+    gradcheck(BINARY[name], [a, b], name=name)
+
+
+@checks("Div")
+@given(data=st.data())
+def test_div(data):
+    shape_a, shape_b = data.draw(broadcastable_shapes())
+    a, b = tensor(data.draw(arrays(shape_a))), tensor(data.draw(away_from_zero(shape_b, 0.5)))
+    gradcheck(lambda a, b: a / b, [a, b], name="Div")
+
+
+@checks("Pow")
+@given(data=st.data())
+def test_pow(data):
+    shape_a, shape_b = data.draw(broadcastable_shapes())
+    base = tensor(data.draw(arrays(shape_a, 0.3, 2.0)))  # a > 0: d/db a^b needs ln(a)
+    exponent = tensor(data.draw(arrays(shape_b, -2.0, 3.0)))
+    gradcheck(lambda a, b: a ** b, [base, exponent], name="Pow (tensor exponent)")
+    power = data.draw(st.sampled_from([2, 3, 0.5, -1.0]))
+    gradcheck(lambda a: a ** power, [base], name=f"Pow (a ** {power})")
+
+
+@checks("Neg")
+@given(data=st.data())
+def test_neg(data):
+    gradcheck(lambda a: -a, [tensor(data.draw(arrays(data.draw(shapes()))))], name="Neg")
+
+
+@checks("MatMul")
+@given(data=st.data())
+def test_matmul(data):
+    shape_a, shape_b = data.draw(matmul_shapes())
+    a, b = tensor(data.draw(arrays(shape_a))), tensor(data.draw(arrays(shape_b)))
+    gradcheck(lambda a, b: a @ b, [a, b], name="MatMul")
+
+
+# --- elementwise functions ------------------------------------------------------------
+
+UNARY = {  # name -> (function, values strategy factory)
+    "Exp": (Tensor.exp, lambda s: arrays(s, -3, 3)),
+    "Log": (Tensor.log, lambda s: arrays(s, 0.2, 4)),
+    "Sqrt": (Tensor.sqrt, lambda s: arrays(s, 0.2, 4)),
+    "ReLU": (Tensor.relu, lambda s: away_from_zero(s, 0.05)),  # stay off the kink at 0
+    "Tanh": (Tensor.tanh, lambda s: arrays(s, -3, 3)),
+    "Sigmoid": (Tensor.sigmoid, lambda s: arrays(s, -5, 5)),
+    "GELU": (Tensor.gelu, lambda s: arrays(s, -4, 4)),
+    "Cast": (lambda x: x.astype("float64"), lambda s: arrays(s)),
+}
+
+
+@checks(*UNARY)
+@pytest.mark.parametrize("name", sorted(UNARY))
+@given(data=st.data())
+def test_unary(name, data):
+    fn, values = UNARY[name]
+    x = tensor(data.draw(values(data.draw(shapes()))))
+    gradcheck(fn, [x], name=name)
+
+
+def test_cast_gradient_keeps_input_dtype():
+    x = Tensor(np.ones(3, np.float32), requires_grad=True)
+    x.astype("float64").sum().backward()
+    assert x.grad.dtype == np.float32
+
+
+@checks("Where")
+@given(data=st.data())
+def test_where(data):
+    shape_a, shape_b = data.draw(broadcastable_shapes())
+    condition = data.draw(arrays(shape_a)) > 0
+    a, b = tensor(data.draw(arrays(shape_a))), tensor(data.draw(arrays(shape_b)))
+    gradcheck(lambda a, b: where(condition, a, b), [a, b], name="Where")
+    gradcheck(lambda b: b.masked_fill(condition, -1.5), [b], name="masked_fill")
+
+
+# --- reductions -----------------------------------------------------------------------------
+
+
+@checks("Sum")
+@given(data=st.data())
+def test_sum_and_mean(data):
+    shape = data.draw(shapes())
+    axis, keepdims = data.draw(axes(len(shape))), data.draw(st.booleans())
+    x = tensor(data.draw(arrays(shape)))
+    gradcheck(lambda x: x.sum(axis=axis, keepdims=keepdims), [x], name=f"Sum axis={axis}")
+    gradcheck(lambda x: x.mean(axis=axis, keepdims=keepdims), [x], name=f"mean axis={axis}")
+
+
+@checks("Max")
+@given(data=st.data())
+def test_max(data):
+    shape = data.draw(shapes())
+    axis, keepdims = data.draw(axes(len(shape))), data.draw(st.booleans())
+    x = tensor(data.draw(distinct(shape)))  # no ties: max is differentiable there
+    gradcheck(lambda x: x.max(axis=axis, keepdims=keepdims), [x], name=f"Max axis={axis}")
+
+
+def test_max_ties_share_the_gradient():
+    x = tensor([1.0, 3.0, 3.0])
+    x.max().backward()
+    np.testing.assert_allclose(backend.to_numpy(x.grad), [0, 0.5, 0.5])
+
+
+# --- movement -------------------------------------------------------------------------------
+
+
+@checks("Reshape")
+@given(data=st.data())
+def test_reshape(data):
+    shape = data.draw(shapes(min_dims=1))
+    size = int(np.prod(shape))
+    new_shape = data.draw(st.sampled_from([(size,), (1, size), (size, 1), shape[::-1], (-1,)]))
+    if np.prod(new_shape) not in (size, -size):
+        new_shape = (size,)
+    x = tensor(data.draw(arrays(shape)))
+    gradcheck(lambda x: x.reshape(*new_shape), [x], name="Reshape")
+
+
+@checks("Permute")
+@given(data=st.data())
+def test_permute_and_transpose(data):
+    shape = data.draw(shapes(min_dims=2))
+    order = data.draw(st.permutations(list(range(len(shape)))))
+    x = tensor(data.draw(arrays(shape)))
+    gradcheck(lambda x: x.permute(*order), [x], name="Permute")
+    gradcheck(lambda x: x.transpose(0, -1), [x], name="transpose")
+
+
+@checks("GetItem")
+@given(data=st.data())
+def test_getitem(data):
+    shape = data.draw(shapes(min_dims=1))
+    x = tensor(data.draw(arrays(shape)))
+    start = data.draw(st.integers(0, shape[0] - 1))
+    gradcheck(lambda x: x[start:], [x], name="GetItem slice")
+    gradcheck(lambda x: x[start], [x], name="GetItem int")
+    ids = np.array(data.draw(st.lists(st.integers(0, shape[0] - 1), min_size=1, max_size=6)))
+    gradcheck(lambda x: x[ids], [x], name="GetItem int array (repeats add up)")
+    if len(shape) >= 2:
+        cols = np.array(data.draw(st.lists(st.integers(0, shape[1] - 1), min_size=1, max_size=4)))
+        gradcheck(lambda x: x[:, cols], [x], name="GetItem [:, ids]")
+
+
+@checks("Concatenate")
+@given(data=st.data())
+def test_concatenate_stack_split(data):
+    shape = data.draw(shapes(min_dims=1))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    sizes = data.draw(st.lists(small_dims, min_size=1, max_size=3))
+    parts = []
+    for n in sizes:
+        part_shape = list(shape)
+        part_shape[axis] = n
+        parts.append(tensor(data.draw(arrays(tuple(part_shape)))))
+    gradcheck(lambda *p: concatenate(list(p), axis=axis), parts, name="Concatenate")
+    same = [tensor(data.draw(arrays(shape))) for _ in sizes]
+    from tinygrad_lite import stack
+    gradcheck(lambda *p: stack(list(p), axis=0), same, name="stack")
+    whole = tensor(data.draw(arrays((sum(sizes),) + tuple(shape[1:]))))
+    gradcheck(lambda w: concatenate([p * (i + 1) for i, p in enumerate(w.split(sizes))]), [whole],
+              name="split")
+
+
+# --- fused ops -------------------------------------------------------------------------
+
+
+@checks("Softmax", "LogSoftmax")
+@given(data=st.data())
+def test_softmax_log_softmax(data):
+    shape = data.draw(shapes(min_dims=1))
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = tensor(data.draw(arrays(shape, -4, 4)))
+    gradcheck(lambda x: x.softmax(axis), [x], name="Softmax")
+    gradcheck(lambda x: x.log_softmax(axis), [x], name="LogSoftmax")
+
+
+@st.composite
+def logits_and_targets(draw):
+    lead = draw(shapes(min_dims=1, max_dims=2))
+    V = draw(st.integers(2, 6))
+    logits = draw(arrays(lead + (V,), -4, 4))
+    targets = draw(hnp_ints(lead, V))
+    ignore = draw(st.sampled_from([None, -100, 0]))
+    if ignore == -100 and targets.size > 1:
+        targets.reshape(-1)[0] = -100
+    return logits, targets, ignore
+
+
+def hnp_ints(shape, upper):
+    from hypothesis.extra import numpy as hnp
+    return hnp.arrays(np.int64, shape, elements=st.integers(0, upper - 1))
+
+
+@checks("CrossEntropy")
+@given(case=logits_and_targets())
+def test_cross_entropy(case):
+    logits, targets, ignore = case
+    gradcheck(lambda x: F.cross_entropy(x, targets, ignore_index=ignore), [tensor(logits)],
+              name="CrossEntropy")
+
+
+@checks("LayerNorm")
+@given(data=st.data(), with_bias=st.booleans())
+def test_layer_norm(data, with_bias):
+    shape = data.draw(shapes(min_dims=1))
+    C = shape[-1] if shape[-1] > 1 else 2
+    shape = shape[:-1] + (C,)
+    x = tensor(data.draw(arrays(shape)) + data.draw(distinct((C,))) * 0.5)  # rows not constant
+    w, b = tensor(data.draw(arrays((C,)))), tensor(data.draw(arrays((C,))))
+    if with_bias:
+        gradcheck(F.layer_norm, [x, w, b], name="LayerNorm")
+    else:
+        gradcheck(lambda x, w: F.layer_norm(x, w, None), [x, w], name="LayerNorm (no bias)")
+
+
+@checks("Linear")
+@given(data=st.data(), with_bias=st.booleans())
+def test_linear(data, with_bias):
+    lead = data.draw(shapes(min_dims=1, max_dims=2))
+    n_in, n_out = data.draw(small_dims), data.draw(small_dims)
+    x = tensor(data.draw(arrays(lead + (n_in,))))
+    w, b = tensor(data.draw(arrays((n_out, n_in)))), tensor(data.draw(arrays((n_out,))))
+    if with_bias:
+        gradcheck(F.linear, [x, w, b], name="Linear")
+    else:
+        gradcheck(lambda x, w: F.linear(x, w), [x, w], name="Linear (no bias)")
+
+
+@checks("Embedding")
+@given(data=st.data())
+def test_embedding(data):
+    V, C = data.draw(st.integers(1, 6)), data.draw(small_dims)
+    ids = data.draw(hnp_ints(data.draw(shapes(min_dims=1, max_dims=2)), V))  # repeats likely
+    gradcheck(lambda w: F.embedding(w, ids), [tensor(data.draw(arrays((V, C))))], name="Embedding")
+
+
+@checks("Dropout")
+@given(data=st.data(), p=st.sampled_from([0.1, 0.5, 0.9]))
+def test_dropout(data, p):
+    x = tensor(data.draw(arrays(data.draw(shapes(min_dims=1)))))
+
+    def dropped(x):
+        backend.manual_seed(7)  # the same mask every call, so finite differences see one function
+        return F.dropout(x, p, training=True)
+    gradcheck(dropped, [x], name="Dropout")
+
+
+@checks("Attention")
+@given(data=st.data(), causal=st.booleans(), dropout=st.sampled_from([0.0, 0.3]))
+def test_attention(data, causal, dropout):
+    B, H, D = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(small_dims)
+    Tk = data.draw(small_dims)
+    Tq = data.draw(st.integers(1, Tk))
+    q = tensor(data.draw(arrays((B, H, Tq, D))))
+    k, v = tensor(data.draw(arrays((B, H, Tk, D)))), tensor(data.draw(arrays((B, H, Tk, D))))
+
+    def attention(q, k, v):
+        backend.manual_seed(3)
+        return F.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=dropout)
+    gradcheck(attention, [q, k, v], name="Attention")
+
+
+# --- the meta-test ----------------------------------------------------------------------------
+
+
+def test_every_op_has_a_gradient_test():
+    ops = {name for name, cls in Function.registry.items()
+           if cls.__module__.startswith("tinygrad_lite.") and "forward" in vars(cls)}
+    missing = sorted(ops - GRADIENT_TESTED)
+    assert not missing, f"ops without a Hypothesis gradient check: {missing}"
+    assert len(ops) >= 25, sorted(ops)

@@ -1,0 +1,261 @@
+"""Fused ops: several primitive ops done as one, with a hand-derived backward.
+
+Each of these could be written from the primitives in `ops.py` (see `composed.py`,
+where each one is, and the tests check both give the same values and gradients).
+Fusing them saves the memory and time of every intermediate array, and lets the
+backward use a simpler closed form than the chain of primitive backwards.
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import rand, scatter_add, xp_of
+from .tensor import Function
+
+# --- activations -----------------------------------------------------------------------
+
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+class GELU(Function):
+    """GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
+
+    def forward(self, x):
+        self.x = x
+        self.t = xp_of(x).tanh(GELU_C * (x + 0.044715 * x * x * x))
+        return 0.5 * x * (1 + self.t)
+
+    # d/dx gelu: 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
+    def backward(self, grad):
+        x, t = self.x, self.t
+        local = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * x * x)
+        return (grad * local,)
+
+
+class Softmax(Function):
+    """exp(x) / sum(exp(x)) along `axis`."""
+
+    def forward(self, x, axis=-1):
+        xp = xp_of(x)
+        # NOTE: subtracting the row max changes nothing mathematically but keeps exp() <= 1
+        s = x - x.max(axis=axis, keepdims=True)
+        xp.exp(s, out=s)
+        s /= s.sum(axis=axis, keepdims=True)
+        self.s, self.axis = s, axis
+        return s
+
+    # d/dx softmax: s * (g - sum(g * s))
+    def backward(self, grad):
+        s = self.s
+        return (s * (grad - (grad * s).sum(axis=self.axis, keepdims=True)),)
+
+
+def _logsumexp(x, axis):
+    """log(sum(exp(x))) without overflow: m + log(sum(exp(x - m))) with m the row max."""
+    xp = xp_of(x)
+    m = x.max(axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0)  # a row of all -inf stays -inf, not nan
+    return m + xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """x - logsumexp(x) along `axis`."""
+
+    def forward(self, x, axis=-1):
+        # NOTE: log(softmax(x)) would give log(0) = -inf for tiny probabilities; going
+        # through logsumexp keeps every value finite where the math is finite.
+        self.out, self.axis = x - _logsumexp(x, axis), axis
+        return self.out
+
+    # d/dx log_softmax: g - softmax * sum(g)
+    def backward(self, grad):
+        xp = xp_of(grad)
+        return (grad - xp.exp(self.out) * grad.sum(axis=self.axis, keepdims=True),)
+
+
+# --- losses and normalisation ------------------------------------------------------------
+
+
+def check_indices(indices, upper: int, what: str, ignore_index=None) -> None:
+    """Raise IndexError if an index falls outside [0, upper). CuPy would wrap silently."""
+    if indices.size == 0:
+        return
+    valid = indices if ignore_index is None else indices[indices != ignore_index]
+    if valid.size and (int(valid.min()) < 0 or int(valid.max()) >= upper):
+        bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
+        raise IndexError(f"{what} {bad} is out of range for size {upper}")
+
+
+class CrossEntropy(Function):
+    """Mean over positions of -log softmax(logits)[target].
+
+    logits (..., V), targets (...) integer class ids; positions whose target equals
+    `ignore_index` count for nothing.
+    """
+
+    def forward(self, logits, targets, ignore_index=None):
+        xp = xp_of(logits)
+        V = logits.shape[-1]
+        if tuple(targets.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(f"cross_entropy: targets shape {tuple(targets.shape)} does not match "
+                             f"logits shape {tuple(logits.shape)} without its last axis")
+        check_indices(targets, V, "cross_entropy: target", ignore_index)
+        flat = logits.reshape(-1, V)  # (N, V)
+        t = targets.reshape(-1)  # (N,)
+        valid = xp.ones(t.shape, dtype=bool) if ignore_index is None else t != ignore_index
+        t = xp.where(valid, t, 0)
+        self.count = max(int(valid.sum()), 1)
+        log_probs = flat - _logsumexp(flat, axis=-1)  # (N, V)
+        picked = log_probs[xp.arange(t.shape[0]), t]  # (N,)
+        self.log_probs, self.t, self.valid, self.shape = log_probs, t, valid, logits.shape
+        return -(picked * valid).sum() / self.count
+
+    # d/dlogits CE = (softmax - onehot(target)) / count, zero on ignored rows
+    def backward(self, grad):
+        xp = xp_of(grad)
+        d = xp.exp(self.log_probs)  # (N, V) softmax
+        d[xp.arange(self.t.shape[0]), self.t] -= 1
+        d *= (grad / self.count) * self.valid[:, None].astype(d.dtype)
+        return d.reshape(self.shape), None
+
+
+class LayerNorm(Function):
+    """(x - mean) / sqrt(var + eps) * weight + bias, over the last axis. x (..., C)."""
+
+    def forward(self, x, weight, bias, eps=1e-5):
+        xp = xp_of(x)
+        mean = x.mean(axis=-1, keepdims=True)
+        xc = x - mean
+        var = (xc * xc).mean(axis=-1, keepdims=True)
+        self.rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
+        self.xhat = xc * self.rstd  # (..., C)
+        self.weight, self.has_bias = weight, bias is not None
+        out = self.xhat * weight
+        return out + bias if bias is not None else out
+
+    # dxhat = g w;  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat));
+    # dw = sum(g xhat), db = sum(g) over every axis but the last
+    def backward(self, grad):
+        xhat, rstd = self.xhat, self.rstd
+        C = xhat.shape[-1]
+        lead = tuple(range(grad.ndim - 1))
+        dxhat = grad * self.weight
+        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                     - xhat * ((dxhat * xhat).sum(axis=-1, keepdims=True) / C))
+        dw = (grad * xhat).sum(axis=lead) if self.needs_grad[1] else None
+        db = grad.sum(axis=lead) if self.has_bias and self.needs_grad[2] else None
+        return dx, dw, db
+
+
+# --- layers ------------------------------------------------------------------------------
+
+
+class Linear(Function):
+    """x @ weight^T + bias, with x (..., in), weight (out, in) as in PyTorch, bias (out,)."""
+
+    def forward(self, x, weight, bias=None):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: input has {x.shape[-1]} features but weight {tuple(weight.shape)} "
+                             f"expects {weight.shape[1]}")
+        self.x2d = x.reshape(-1, x.shape[-1])  # (N, in): one big BLAS call, not a batch of small ones
+        self.weight, self.has_bias, self.in_shape = weight, bias is not None, x.shape
+        out = self.x2d @ weight.T  # (N, out)
+        if bias is not None:
+            out += bias
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    # dx = g W,  dW = g^T x,  db = sum(g) over rows
+    def backward(self, grad):
+        g2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        dx = (g2d @ self.weight).reshape(self.in_shape) if self.needs_grad[0] else None
+        dw = g2d.T @ self.x2d if self.needs_grad[1] else None
+        db = g2d.sum(axis=0) if self.has_bias and self.needs_grad[2] else None
+        return dx, dw, db
+
+
+class Embedding(Function):
+    """Rows of weight (V, C) picked by integer ids (...): output (..., C)."""
+
+    def forward(self, weight, ids):
+        check_indices(ids, weight.shape[0], "embedding: token id")
+        self.ids, self.weight_shape = ids, weight.shape
+        return weight[ids]
+
+    # d/dweight: each picked row adds up the gradients of every position that picked it
+    def backward(self, grad):
+        dw = xp_of(grad).zeros(self.weight_shape, dtype=grad.dtype)
+        scatter_add(dw, self.ids.reshape(-1), grad.reshape(-1, self.weight_shape[1]))
+        return dw, None
+
+
+class Dropout(Function):
+    """Zero each element with probability p, scale the rest by 1/(1-p) (inverted dropout)."""
+
+    def forward(self, x, p):
+        from .backend import device_of
+        self.mask = (rand(x.shape, device_of(x), x.dtype) >= p) * x.dtype.type(1.0 / (1.0 - p))
+        return x * self.mask
+
+    # d/dx (x * mask) = mask
+    def backward(self, grad):
+        return (grad * self.mask,)
+
+
+# --- attention -----------------------------------------------------------------------------
+
+
+def causal_mask(xp, Tq: int, Tk: int):
+    """(Tq, Tk) bool, True where query i may NOT see key j.
+
+    The Tq queries are the last Tq of the Tk positions (the KV-cache case), so query i
+    sits at position i + Tk - Tq and sees keys 0 .. i + Tk - Tq.
+    """
+    return xp.arange(Tk)[None, :] > xp.arange(Tq)[:, None] + (Tk - Tq)
+
+
+class Attention(Function):
+    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Tq, D), k and v (B, H, Tk, D).
+
+    Output (B, H, Tq, D). With causal=True each query sees only keys at or before its
+    own position.
+    """
+
+    def forward(self, q, k, v, causal=True, dropout_p=0.0):
+        xp = xp_of(q)
+        Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+        if k.shape[-1] != D or v.shape[-2] != Tk:
+            raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                             "do not fit together")
+        if causal and Tq > Tk:
+            raise ValueError(f"causal attention needs at least as many keys as queries ({Tk} < {Tq})")
+        self.scale = 1.0 / math.sqrt(D)
+        att = q @ xp.swapaxes(k, -1, -2)  # (B, H, Tq, Tk)
+        att *= self.scale
+        if causal:
+            att[..., causal_mask(xp, Tq, Tk)] = -xp.inf
+        att -= att.max(axis=-1, keepdims=True)  # softmax, in place
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)
+        self.q, self.k, self.v, self.att = q, k, v, att
+        self.mask = None
+        if dropout_p > 0:
+            from .backend import device_of
+            self.mask = (rand(att.shape, device_of(att), att.dtype) >= dropout_p) * att.dtype.type(1 / (1 - dropout_p))
+            att = att * self.mask
+        return att @ v  # (B, H, Tq, D)
+
+    # with P = softmax(S), S = q k^T * scale, O = P v:
+    # dv = P^T dO;  dP = dO v^T;  dS = P * (dP - sum(dP * P));  dq = dS k * scale;  dk = dS^T q * scale
+    def backward(self, grad):
+        xp = xp_of(grad)
+        P = self.att
+        P_used = P if self.mask is None else P * self.mask
+        dv = xp.swapaxes(P_used, -1, -2) @ grad  # (B, H, Tk, D)
+        dP = grad @ xp.swapaxes(self.v, -1, -2)  # (B, H, Tq, Tk)
+        if self.mask is not None:
+            dP *= self.mask
+        dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+        dS *= self.scale
+        dq = dS @ self.k  # (B, H, Tq, D)
+        dk = xp.swapaxes(dS, -1, -2) @ self.q  # (B, H, Tk, D)
+        return dq, dk, dv

@@ -1,0 +1,178 @@
+"""Optimizers, in order of increasing complexity: SGD, Adam, AdamW.
+Then the learning-rate schedule (warmup + cosine) and gradient clipping.
+
+Every optimizer follows PyTorch's definitions, so numbers transfer both ways. Updates
+are done in place on `p.data` (no graph is recorded: this is not part of the model).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from . import backend
+from .tensor import Tensor
+
+
+class Optimizer:
+    """Holds parameter groups: [{"params": [...], "lr": ..., "weight_decay": ...}, ...].
+
+    Pass either a list of parameters or a list of such dicts (so e.g. biases and norm
+    weights can skip weight decay). Group options default to the constructor's.
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups = []
+        for group in groups:
+            g = {**defaults, **group, "params": list(group["params"])}
+            if g["lr"] < 0:
+                raise ValueError(f"learning rate must be >= 0, got {g['lr']}")
+            self.param_groups.append(g)
+        self.state: dict[int, dict[str, Any]] = {}  # id(param) -> its buffers
+        self.step_count = 0
+
+    def zero_grad(self) -> None:
+        """Forget the gradients (set to None, as PyTorch's default)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def params_with_grad(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    yield group, p, self.state.setdefault(id(p), {})
+
+    # --- saving and restoring (for checkpoints and exact resume) ---
+    def state_dict(self) -> dict[str, Any]:
+        """{"step": int, "lr": [per group], "buffers": {"<param index>.<name>": host array}}."""
+        buffers, index = {}, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                for name, value in self.state.get(id(p), {}).items():
+                    buffers[f"{index}.{name}"] = backend.to_numpy(value).copy()
+                index += 1
+        return {"step": self.step_count, "lr": [g["lr"] for g in self.param_groups], "buffers": buffers}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.state = {}
+        for key, value in state["buffers"].items():
+            index, name = key.split(".", 1)
+            p = params[int(index)]
+            if tuple(value.shape) != p.shape:
+                raise ValueError(f"optimizer state {key} has shape {tuple(value.shape)}, "
+                                 f"parameter has {p.shape}")
+            self.state.setdefault(id(p), {})[name] = backend.asarray(value, p.device, p.dtype)
+        self.step_count = int(state["step"])
+        for group, lr in zip(self.param_groups, state["lr"]):
+            group["lr"] = lr
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum (Polyak 1964; Nesterov 1983 variant).
+
+    g = grad + weight_decay * p;  buf = momentum * buf + g;  p -= lr * (nesterov ? g + momentum * buf : buf)
+    """
+
+    def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:
+        if nesterov and momentum <= 0:
+            raise ValueError("nesterov momentum needs momentum > 0")
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
+                                      weight_decay=weight_decay))
+
+    def step(self) -> None:
+        self.step_count += 1
+        for group, p, state in self.params_with_grad():
+            g = p.grad
+            if group["weight_decay"]:
+                g = g + group["weight_decay"] * p.data
+            if group["momentum"]:
+                if "momentum" not in state:
+                    state["momentum"] = g.copy()  # the first step starts the buffer at g
+                else:
+                    state["momentum"] *= group["momentum"]
+                    state["momentum"] += g
+                buf = state["momentum"]
+                g = g + group["momentum"] * buf if group["nesterov"] else buf
+            p.data -= group["lr"] * g
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba 2015): step by a running mean of gradients over the root of a
+    running mean of squared gradients, both bias-corrected.
+
+    m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr * (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps)
+    Adam's weight_decay is an L2 term added to the gradient (as in PyTorch's Adam).
+    """
+
+    decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def step(self) -> None:
+        self.step_count += 1
+        t = self.step_count
+        for group, p, state in self.params_with_grad():
+            beta1, beta2 = group["betas"]
+            lr, wd, g = group["lr"], group["weight_decay"], p.grad
+            if wd and self.decoupled:
+                p.data *= 1 - lr * wd  # AdamW: shrink the weights directly
+            elif wd:
+                g = g + wd * p.data  # Adam: L2 penalty through the gradient
+            if "exp_avg" not in state:
+                state["exp_avg"] = p.xp.zeros_like(p.data)
+                state["exp_avg_sq"] = p.xp.zeros_like(p.data)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m *= beta1
+            m += (1 - beta1) * g
+            v *= beta2
+            v += (1 - beta2) * (g * g)
+            step_size = lr / (1 - beta1 ** t)
+            denom = p.xp.sqrt(v / (1 - beta2 ** t))
+            denom += group["eps"]
+            p.data -= step_size * (m / denom)
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov & Hutter 2019): Adam with weight decay decoupled from the
+    gradient: p *= 1 - lr * weight_decay, then the Adam step."""
+
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def cosine_lr(it: int, max_lr: float, min_lr: float, warmup_iters: int, decay_iters: int) -> float:
+    """The learning rate at iteration `it`: linear warmup, then cosine decay to min_lr."""
+    # 1) warmup: rise linearly from max_lr/(warmup+1) to max_lr
+    if it < warmup_iters:
+        return max_lr * (it + 1) / (warmup_iters + 1)
+    # 2) after decay_iters: stay at min_lr
+    if it > decay_iters:
+        return min_lr
+    # 3) in between: half a cosine from max_lr down to min_lr
+    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
+    """Scale all gradients together so their global L2 norm is at most max_norm.
+
+    Returns the norm before clipping (nan/inf if a gradient is not finite).
+    """
+    grads = [p for p in params if p.grad is not None]
+    total = math.sqrt(sum(float((p.grad * p.grad).sum()) for p in grads))
+    scale = max_norm / (total + 1e-6)
+    if scale < 1.0:
+        for p in grads:
+            p.grad = p.grad * scale  # not in place: gradient arrays may be shared
+    return total
