@@ -1,0 +1,72 @@
+"""Self-attention: how each token gathers information from the tokens before it.
+
+Every token emits three vectors: a query Q ("what am I looking for?"), a key K ("what
+do I contain?") and a value V ("what do I pass on?"). Token i scores every token j by
+the dot product q_i . k_j, scaled by 1/sqrt(d_k) so the scores' spread does not grow
+with the vector size (large scores would make softmax nearly one-hot and its gradient
+vanish). A softmax turns a row of scores into weights that sum to 1, and the output is
+the weighted average of the values. Multi-head attention runs several such attentions
+side by side on slices of the features, then mixes their outputs with W_O (c_proj).
+"""
+from __future__ import annotations
+
+import math
+
+import tinygrad_lite.functional as F
+from tinygrad_lite import Tensor, nn, where
+from tinygrad_lite.fused import causal_mask
+
+from .kv_cache import KVCache
+from .rope import RotaryEmbedding
+
+
+def self_attention(Q: Tensor, K: Tensor, V: Tensor, mask=None) -> tuple[Tensor, Tensor]:
+    """Scaled dot-product attention written out step by step.
+
+    Q (..., Tq, d_k), K (..., Tk, d_k), V (..., Tk, d_v); mask (Tq, Tk) bool, True where
+    a query may NOT look. Returns (output (..., Tq, d_v), attention weights (..., Tq, Tk)).
+    The model uses the fused `F.scaled_dot_product_attention`; tests check both agree.
+    """
+    d_k = Q.shape[-1]
+    scores = Q @ K.transpose(-2, -1) / math.sqrt(d_k)  # (..., Tq, Tk): how well each query matches each key
+    if mask is not None:
+        scores = where(mask, -math.inf, scores)  # a masked score becomes weight 0 after softmax
+    weights = scores.softmax(axis=-1)  # each row sums to 1
+    return weights @ V, weights  # (..., Tq, d_v): a weighted average of values
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention. x (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
+                 rope: RotaryEmbedding | None = None) -> None:
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.n_head, self.n_embd, self.dropout = n_head, n_embd, dropout
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)  # Q, K, V for all heads in one matmul
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)  # W_O: mixes the heads' outputs
+        self.resid_dropout = nn.Dropout(dropout)
+        self.rope = rope
+        self.keep_weights = False  # set True to keep the last attention weights (inspection)
+        self.last_weights: Tensor | None = None
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
+                start_pos: int = 0) -> Tensor:
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(3, axis=2)  # 3 x (B, T, C)
+        q = q.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.rope is not None:  # rotate queries and keys by their absolute positions
+            q, k = self.rope(q, start_pos), self.rope(k, start_pos)
+        if cache is not None:  # decode: append this step's K, V and attend to all cached ones
+            k, v = cache.update(layer, k, v, start_pos)  # (B, nh, start_pos + T, hs)
+        if self.keep_weights:
+            mask = causal_mask(q.xp, T, k.shape[-2])
+            y, self.last_weights = self_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
+        return self.resid_dropout(self.c_proj(y))

@@ -1,0 +1,144 @@
+"""A GPT: token embedding -> positions -> N transformer blocks -> layer norm -> logits.
+
+Names follow GPT-2 (and nanoGPT) so that checkpoints and papers map one to one:
+wte (token embedding), wpe (position embedding), h (blocks), ln_f, lm_head.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import tinygrad_lite.functional as F
+from tinygrad_lite import Tensor, backend, nn
+
+from .attention import CausalSelfAttention
+from .kv_cache import KVCache
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65  # tokens the model can read and write (65 characters of Shakespeare)
+    block_size: int = 64  # the longest context the model sees, in tokens
+    n_layer: int = 4  # transformer blocks stacked
+    n_head: int = 4  # attention heads per block (n_embd must divide evenly)
+    n_embd: int = 128  # width of every token's vector (the residual stream)
+    dropout: float = 0.0  # 0 for small data / CPU runs; 0.2 for the GPU Shakespeare preset
+    bias: bool = False  # biases in Linear and LayerNorm (GPT-2: True; nanoGPT's default: False)
+    pos: str = "learned"  # "learned" absolute positions (GPT-2) or "rope" (Llama)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.pos not in ("learned", "rope"):
+            raise ValueError(f"pos must be 'learned' or 'rope', got {self.pos!r}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: widen 4x, GELU, project back. (B, T, C) -> (B, T, C)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.c_fc(x).gelu()))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+    The residual adds let each block make a small edit to the token's vector and give
+    gradients a straight path back to the early layers.
+    """
+
+    def __init__(self, config: GPTConfig, rope: RotaryEmbedding | None) -> None:
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias, rope)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, start_pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        self.config = config
+        device = backend.default_device()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token id -> vector
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        rope = (RotaryEmbedding(config.n_embd // config.n_head, config.block_size, device=device)
+                if config.pos == "rope" else None)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = [Block(config, rope) for _ in range(config.n_layer)]
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        # the output head reuses wte (weight tying): reading and writing a token share one
+        # vector, which saves V x C parameters and trains the embedding from both sides
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases; the projections that write into the
+        residual stream get std 0.02/sqrt(2 n_layer), so the sum of 2 n_layer such writes
+        keeps the stream's variance from growing with depth."""
+        device = backend.default_device()
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.data = p.xp.zeros_like(p.data)
+            elif name.startswith("h.") and name.endswith(".weight") and ".ln_" not in name:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
+                p.data = backend.randn(p.shape, device, std=std)
+            elif name in ("wte.weight", "wpe.weight"):
+                p.data = backend.randn(p.shape, device, std=0.02)
+
+    def forward(self, idx, targets=None, cache: KVCache | None = None,
+                start_pos: int = 0) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy
+        against targets (B, T) when given. With a KV cache, idx holds the tokens at
+        positions start_pos .. start_pos+T-1 and the cache supplies the earlier ones."""
+        idx = idx.data if isinstance(idx, Tensor) else idx
+        B, T = idx.shape
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than block_size "
+                             f"{self.config.block_size}")
+        x = F.embedding(self.wte.weight, idx)  # (B, T, C)
+        if self.wpe is not None:
+            positions = backend.namespace(self.wte.weight.device).arange(start_pos, start_pos + T)
+            x = x + F.embedding(self.wpe.weight, positions)  # (T, C) broadcast over B
+        x = self.drop(x)
+        for layer, block in enumerate(self.h):
+            x = block(x, cache, layer, start_pos)  # (B, T, C)
+        x = self.ln_f(x)
+        logits = F.linear(x, self.wte.weight)  # (B, T, V): tied output head
+        loss = F.cross_entropy(logits, targets) if targets is not None else None
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head,
+                       dtype=self.wte.weight.dtype, device=self.wte.weight.device)
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Matrices (2-D: linear weights, embeddings) decay; biases and norm weights do not."""
+        params = self.parameters()
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention
+        (PaLM appendix B's estimate, as nanoGPT uses for MFU)."""
+        c = self.config
+        n = self.num_parameters() - (self.wpe.weight.size if self.wpe is not None else 0)
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size

@@ -1,0 +1,192 @@
+"""train.py end to end on text made here: exact resume, checkpoints, fine-tuning,
+the non-finite guard, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+              "--batch-size", "4", "--eval-iters", "2", "--eval-interval", "4", "--no-progress",
+              "--warmup-iters", "2", "--lr-decay-iters", "8"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "shall", "speak", "now", "and", "then", "to", "my", "lord"]
+    text = "\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(300))
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def error_line(err: str) -> str:
+    """The one error line of a failed run (info lines may come before it), no traceback."""
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def run(args, capsys=None) -> tuple[int, str]:
+    code = train.main([str(a) for a in args])
+    err = capsys.readouterr().err if capsys else ""
+    return code, err
+
+
+def test_resume_is_bitwise_identical_to_a_straight_run(text_file, tmp_path):
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    assert run(["--data", text_file, "--out-dir", straight, "--max-iters", 8, *TINY_FLAGS])[0] == 0
+    assert run(["--data", text_file, "--out-dir", halves, "--max-iters", 4, *TINY_FLAGS])[0] == 0
+    assert load_checkpoint(halves)[1]["iter_num"] == 4
+    assert run(["--data", text_file, "--out-dir", halves, "--max-iters", 8, "--resume", *TINY_FLAGS])[0] == 0
+    a, meta_a, opt_a = load_checkpoint(straight)
+    b, meta_b, opt_b = load_checkpoint(halves)
+    assert meta_a["iter_num"] == meta_b["iter_num"] == 8
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    for name in opt_a["buffers"]:
+        np.testing.assert_array_equal(opt_a["buffers"][name], opt_b["buffers"][name], err_msg=name)
+    assert meta_a["losses"] == meta_b["losses"]
+
+
+def test_checkpoint_reload_gives_identical_logits(text_file, tmp_path):
+    from tinygrad_lite import no_grad
+    from model.gpt import GPT, GPTConfig
+    from model.tokenizer import tokenizer_from_dict
+    out = tmp_path / "run"
+    assert run(["--data", text_file, "--out-dir", out, "--max-iters", 4, *TINY_FLAGS])[0] == 0
+    state, meta, _ = load_checkpoint(out)
+    model = GPT(GPTConfig(**meta["model_config"]))
+    model.load_state_dict(state)
+    tok = tokenizer_from_dict(meta["tokenizer"])
+    ids = np.array([tok.encode("the king shall")])
+    with no_grad():
+        first = model(ids)[0].numpy()
+    again = GPT(GPTConfig(**meta["model_config"]))
+    again.load_state_dict(load_checkpoint(out)[0])
+    with no_grad():
+        np.testing.assert_array_equal(again(ids)[0].numpy(), first)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in log} == {"train", "eval"}
+
+
+def test_fine_tuning_starts_from_a_trained_checkpoint(text_file, tmp_path):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    assert run(["--data", text_file, "--out-dir", base, "--max-iters", 4, *TINY_FLAGS])[0] == 0
+    other = tmp_path / "other.txt"
+    other.write_text("the queen shall speak to my lord now.\n" * 40, encoding="utf-8")
+    assert run(["--data", other, "--out-dir", tuned, "--init-from", base, "--max-iters", 4, *TINY_FLAGS])[0] == 0
+    base_meta, tuned_meta = load_checkpoint(base)[1], load_checkpoint(tuned)[1]
+    assert tuned_meta["tokenizer"] == base_meta["tokenizer"]  # the pre-trained vocabulary is kept
+    assert tuned_meta["iter_num"] == 4
+
+
+def test_nonfinite_gradient_stops_and_keeps_the_last_good_checkpoint(text_file, tmp_path, capsys, monkeypatch):
+    from tinygrad_lite import optim
+    real_clip, calls = optim.clip_grad_norm, []
+
+    def poisoned(params, max_norm):
+        calls.append(1)
+        norm = real_clip(params, max_norm)
+        return float("nan") if len(calls) == 6 else norm  # iteration 5
+    monkeypatch.setattr(optim, "clip_grad_norm", poisoned)
+    out = tmp_path / "nan"
+    code, err = run(["--data", text_file, "--out-dir", out, "--max-iters", 8, *TINY_FLAGS], capsys)
+    assert code == 2
+    assert "non-finite gradient norm at iteration 5" in error_line(err)
+    state, meta, _ = load_checkpoint(out)
+    assert meta["iter_num"] == 4 and all(np.isfinite(v).all() for v in state.values())
+
+    calls.clear()  # with --skip-nonfinite the run goes on past the bad step
+    code, err = run(["--data", text_file, "--out-dir", tmp_path / "skip", "--max-iters", 8,
+                     "--skip-nonfinite", *TINY_FLAGS], capsys)
+    assert code == 0 and load_checkpoint(tmp_path / "skip")[1]["iter_num"] == 8
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    evil = tmp_path / "ckpt.npz"
+    np.savez(evil, payload=np.array([{"run": "code"}], dtype=object))
+    with pytest.raises(CheckpointError, match="pickled"):
+        load_checkpoint(evil)
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, {"w": np.ones(3, np.float32)}, {"iter_num": 1})
+    assert not (tmp_path / "ckpt.npz.tmp").exists()
+    assert load_checkpoint(path)[1]["iter_num"] == 1
+
+
+def bad_checkpoint(kind: str, out: Path, text_file: Path) -> None:
+    """Make out/ckpt.npz broken in one way."""
+    assert run(["--data", text_file, "--out-dir", out, "--max-iters", 4, *TINY_FLAGS])[0] == 0
+    path = out / "ckpt.npz"
+    data = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "corrupted":
+        path.write_bytes(data[:100] + bytes(200) + data[300:])
+    elif kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif kind == "incompatible":
+        state, meta, opt = load_checkpoint(path)
+        state["wte.weight"] = np.zeros((3, 3), np.float32)
+        save_checkpoint(path, state, {k: v for k, v in meta.items() if k != "format_version"}, opt)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupted", "garbage", "incompatible"])
+def test_bad_checkpoint_on_resume_is_one_line(kind, text_file, tmp_path, capsys):
+    out = tmp_path / kind
+    bad_checkpoint(kind, out, text_file)
+    capsys.readouterr()
+    code, err = run(["--data", text_file, "--out-dir", out, "--max-iters", 8, "--resume", *TINY_FLAGS], capsys)
+    assert code == 2 and error_line(err), err
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+BAD_INPUTS = {  # name -> (extra flags builder, expected words in the message)
+    "missing data file": (lambda d: ["--data", d / "nope.txt"], "does not exist"),
+    "empty data file": (lambda d: ["--data", write(d / "empty.txt", b"")], "empty"),
+    "non-UTF-8 data": (lambda d: ["--data", write(d / "latin1.txt", "café".encode("latin-1") * 50)], "UTF-8"),
+    "text shorter than block": (lambda d: ["--data", write(d / "short.txt", b"tiny text\n" * 2)], "block_size"),
+    "n_embd not divisible": (lambda d: ["--n-embd", "15"], "divisible"),
+    "unknown preset": (lambda d: ["--preset", "shakespeare-word"], "unknown preset"),
+    "unknown tokenizer": (lambda d: ["--tokenizer", "morse"], "unknown tokenizer"),
+    "resume without checkpoint": (lambda d: ["--resume"], "no checkpoint"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_bad_input_gets_one_line_error(name, text_file, tmp_path, capsys):
+    flags, words = BAD_INPUTS[name]
+    extra = flags(tmp_path)
+    base = ["--out-dir", tmp_path / "out", "--max-iters", 2, *TINY_FLAGS]
+    if "--data" not in extra:
+        base = ["--data", text_file, *base]
+    code, err = run([*base, *extra], capsys)
+    assert code == 2, err
+    assert words.lower() in error_line(err).lower(), err
+
+
+def test_cli_error_has_no_traceback_unless_debug(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--preset", "nope", "--out-dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["error: unknown preset 'nope'; choose one of: "
+                                                "shakespeare-char-cpu, shakespeare-char"]
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, cwd=ROOT)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
