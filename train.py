@@ -145,7 +145,12 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in log_path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
     evals = [r for r in rows if r.get("kind") == "eval"]
     steps = [r for r in rows if r.get("kind") == "train"]
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -56,7 +56,7 @@ def matmul_shapes(draw):
     """(..., n, k) and (..., k, m) with broadcast batch dims."""
     n, k, m = draw(small_dims), draw(small_dims), draw(small_dims)
     batch_a, batch_b = draw(broadcastable_shapes())
-    batch_a, batch_b = batch_a[:2], batch_b[:2]
+    batch_a, batch_b = batch_a[-2:], batch_b[-2:]  # trailing dims: broadcasting aligns from the right
     if len(batch_a) != len(batch_b) and draw(st.booleans()):
         batch_a = batch_b = batch_a  # sometimes the same batch
     return batch_a + (n, k), batch_b + (k, m)

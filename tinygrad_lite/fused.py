@@ -50,12 +50,16 @@ class Softmax(Function):
         return (s * (grad - (grad * s).sum(axis=self.axis, keepdims=True)),)
 
 
-def _logsumexp(x, axis):
-    """log(sum(exp(x))) without overflow: m + log(sum(exp(x - m))) with m the row max."""
+def _log_softmax(x, axis):
+    """x - logsumexp(x) without overflow: (x - m) - log(sum(exp(x - m))), m the row max.
+
+    NOTE: x - (m + log(sum(...))) would round m + log(...) to the spacing of m first
+    (about 1e-3 for logits near 1e4 in float32); subtracting m first is exact.
+    """
     xp = xp_of(x)
     m = x.max(axis=axis, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0)  # a row of all -inf stays -inf, not nan
-    return m + xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
+    shifted = x - xp.where(xp.isfinite(m), m, 0)  # a row of all -inf gives no inf - inf here
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 class LogSoftmax(Function):
@@ -64,7 +68,7 @@ class LogSoftmax(Function):
     def forward(self, x, axis=-1):
         # NOTE: log(softmax(x)) would give log(0) = -inf for tiny probabilities; going
         # through logsumexp keeps every value finite where the math is finite.
-        self.out, self.axis = x - _logsumexp(x, axis), axis
+        self.out, self.axis = _log_softmax(x, axis), axis
         return self.out
 
     # d/dx log_softmax: g - softmax * sum(g)
@@ -105,7 +109,7 @@ class CrossEntropy(Function):
         valid = xp.ones(t.shape, dtype=bool) if ignore_index is None else t != ignore_index
         t = xp.where(valid, t, 0)
         self.count = max(int(valid.sum()), 1)
-        log_probs = flat - _logsumexp(flat, axis=-1)  # (N, V)
+        log_probs = _log_softmax(flat, axis=-1)  # (N, V)
         picked = log_probs[xp.arange(t.shape[0]), t]  # (N,)
         self.log_probs, self.t, self.valid, self.shape = log_probs, t, valid, logits.shape
         return -(picked * valid).sum() / self.count

@@ -49,7 +49,8 @@ def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[Tensor], eps: float = 
     out.backward(projection)
     analytic = [x.grad if x.grad is not None else x.xp.zeros_like(x.data) for x in checked]
 
-    for input_index, (x, grad) in enumerate(zip(checked, analytic)):
+    positions = [i for i, x in enumerate(inputs) if x.requires_grad]  # errors name inputs[i]
+    for input_index, x, grad in zip(positions, checked, analytic):
         data, results = x.data, []
         if x.size <= max_elements:  # element by element
             for flat in range(x.size):

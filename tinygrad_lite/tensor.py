@@ -158,7 +158,7 @@ class Tensor:
         device = backend._check_device(device)
         if device == self.device:
             return self
-        return Tensor(backend.asarray(backend.to_numpy(self.data), device), self.requires_grad)
+        return Tensor(backend.to_numpy(self.data), self.requires_grad, device=device)
 
     # --- the backward engine ---
     def backward(self, gradient: Any = None) -> None:
