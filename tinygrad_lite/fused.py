@@ -20,16 +20,37 @@ GELU_C = math.sqrt(2.0 / math.pi)
 class GELU(Function):
     """GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
 
+    # NOTE: written as in-place steps on two buffers: an activation of (B, T, 4C) is
+    # the largest array in the model, and every temporary costs a pass over memory.
     def forward(self, x):
-        self.x = x
-        self.t = xp_of(x).tanh(GELU_C * (x + 0.044715 * x * x * x))
-        return 0.5 * x * (1 + self.t)
+        xp = xp_of(x)
+        t = xp.multiply(x, x, out=xp.empty_like(x))  # out=: a 0-d input stays an array
+        t *= 0.044715 * GELU_C
+        t += GELU_C
+        t *= x  # c (x + 0.044715 x^3)
+        xp.tanh(t, out=t)
+        out = t + 1
+        out *= x
+        out *= 0.5
+        self.x, self.t = x, t
+        return out
 
-    # d/dx gelu: 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
+    # d/dx gelu: 0.5 (1 + t + x (1 - t^2) c (1 + 3 * 0.044715 x^2))
     def backward(self, grad):
         x, t = self.x, self.t
-        local = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * x * x)
-        return (grad * local,)
+        d = x * x
+        d *= 3 * 0.044715 * GELU_C
+        d += GELU_C  # c (1 + 3 * 0.044715 x^2)
+        d *= x
+        xp = xp_of(t)
+        one_minus_t2 = xp.multiply(t, t, out=xp.empty_like(t))
+        xp.subtract(1, one_minus_t2, out=one_minus_t2)
+        d *= one_minus_t2
+        d += t
+        d += 1
+        d *= grad
+        d *= 0.5
+        return (d,)
 
 
 class Softmax(Function):
@@ -128,26 +149,32 @@ class LayerNorm(Function):
 
     def forward(self, x, weight, bias, eps=1e-5):
         xp = xp_of(x)
-        mean = x.mean(axis=-1, keepdims=True)
-        xc = x - mean
-        var = (xc * xc).mean(axis=-1, keepdims=True)
+        C = x.shape[-1]
+        xhat = x - x.sum(axis=-1, keepdims=True) * (1.0 / C)  # centred
+        var = (xhat * xhat).sum(axis=-1, keepdims=True) * (1.0 / C)  # (..., 1)
         self.rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
-        self.xhat = xc * self.rstd  # (..., C)
-        self.weight, self.has_bias = weight, bias is not None
-        out = self.xhat * weight
-        return out + bias if bias is not None else out
+        xhat *= self.rstd  # (..., C): mean 0, variance 1
+        self.xhat, self.weight, self.has_bias = xhat, weight, bias is not None
+        out = xhat * weight
+        if bias is not None:
+            out += bias
+        return out
 
     # dxhat = g w;  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat));
     # dw = sum(g xhat), db = sum(g) over every axis but the last
     def backward(self, grad):
-        xhat, rstd = self.xhat, self.rstd
+        xhat, rstd, w = self.xhat, self.rstd, self.weight
         C = xhat.shape[-1]
         lead = tuple(range(grad.ndim - 1))
-        dxhat = grad * self.weight
-        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                     - xhat * ((dxhat * xhat).sum(axis=-1, keepdims=True) / C))
-        dw = (grad * xhat).sum(axis=lead) if self.needs_grad[1] else None
+        g_xhat = grad * xhat
+        dw = g_xhat.sum(axis=lead) if self.needs_grad[1] else None
         db = grad.sum(axis=lead) if self.has_bias and self.needs_grad[2] else None
+        mean_dxhat_xhat = (g_xhat @ w)[..., None] * (1.0 / C)  # sum_c g w xhat, as a mat-vec
+        dx = grad * w  # dxhat
+        dx -= dx.sum(axis=-1, keepdims=True) * (1.0 / C)
+        g_xhat = xp_of(xhat).multiply(xhat, mean_dxhat_xhat, out=g_xhat)  # reuse the buffer
+        dx -= g_xhat
+        dx *= rstd
         return dx, dw, db
 
 
@@ -236,7 +263,7 @@ class Attention(Function):
         att = q @ xp.swapaxes(k, -1, -2)  # (B, H, Tq, Tk)
         att *= self.scale
         if causal:
-            att[..., causal_mask(xp, Tq, Tk)] = -xp.inf
+            att += xp.where(causal_mask(xp, Tq, Tk), -xp.inf, 0).astype(att.dtype)  # (Tq, Tk)
         att -= att.max(axis=-1, keepdims=True)  # softmax, in place
         xp.exp(att, out=att)
         att /= att.sum(axis=-1, keepdims=True)

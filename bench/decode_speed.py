@@ -1,0 +1,112 @@
+"""Decode speed: the KV cache keeps the cost of one new token nearly flat as the context grows.
+
+    python bench/decode_speed.py [--device cpu] [--decode-tokens 16] [--lengths 64 256 1024]
+
+For each total length L and batch size B: a random prompt of L - n tokens is prefilled,
+then n tokens are decoded greedily, once with the cache and once without. With the
+cache a step runs one token through the model (its attention reads L cached keys, a
+small part of the work); without it, each step re-runs the whole context, so its cost
+grows with L. A random-init model is enough: speed does not depend on the weights.
+Writes bench/results/decode_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import tinygrad_lite  # noqa: E402
+from tinygrad_lite import backend  # noqa: E402
+from model.generate import stream  # noqa: E402
+from model.gpt import GPT, GPTConfig  # noqa: E402
+
+CONFIG = dict(vocab_size=65, block_size=1024, n_layer=4, n_head=4, n_embd=128)
+
+
+def measure(model: GPT, total: int, batch: int, n_decode: int, use_cache: bool) -> dict:
+    """Time the prefill (to the first new token) and the n_decode - 1 steps after it."""
+    rng = np.random.default_rng(total)
+    prompt_len = total - n_decode
+    prompt = rng.integers(0, model.config.vocab_size, size=(batch, prompt_len)).tolist()
+    start = time.perf_counter()
+    steps = stream(model, prompt, n_decode, temperature=0, use_cache=use_cache)
+    next(steps)  # the prefill; greedy ids come back to the host, so the device has finished
+    first = time.perf_counter()
+    for _ in steps:
+        pass
+    end = time.perf_counter()
+    step_s = (end - first) / (n_decode - 1)
+    return {"prefill_tok_s": batch * prompt_len / (first - start), "ms_per_step": 1000 * step_s,
+            "decode_tok_s": batch / step_s}
+
+
+# --- PyTorch comparison: a place kept for later ----------------------------------------------
+
+
+def torch_decode_speed(config: dict, total: int, batch: int, n_decode: int) -> dict | None:
+    """TODO(pytorch): the same measurement with a PyTorch GPT of the same config (e.g. a
+    nanoGPT-style model with a KV cache, under torch.no_grad()), returning a dict with
+    the keys of `measure` for the cached path. torch is not a dependency of this project,
+    so this returns None until someone fills it in; the table then shows no torch column."""
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None, help="cpu, cuda or strict (default: TINYGRAD_LITE_DEVICE or cpu)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024], help="total tokens")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per measurement")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode_speed.json"))
+    args = p.parse_args()
+    if args.device:
+        backend.set_default_device(args.device)
+    if max(args.lengths) > CONFIG["block_size"] or min(args.lengths) <= args.decode_tokens:
+        p.error(f"lengths must be in ({args.decode_tokens}, {CONFIG['block_size']}]")
+    tinygrad_lite.manual_seed(0)
+    model = GPT(GPTConfig(**CONFIG)).eval()
+    measure(model, 32, 1, 4, True)  # warm up: first calls allocate and load kernels
+
+    rows = []
+    header = (f"{'total':>6} {'batch':>5} | {'prefill tok/s':>13} | {'cached ms/step':>14} {'tok/s':>8} | "
+              f"{'uncached ms/step':>16} {'tok/s':>8} | {'cache speedup':>13}")
+    print(f"device {backend.default_device()}, {model.num_parameters() / 1e6:.2f}M parameters, {CONFIG}, "
+          f"{args.decode_tokens} decoded tokens per run")
+    print(header)
+    print("-" * len(header))
+    for total in args.lengths:
+        for batch in args.batches:
+            cached = measure(model, total, batch, args.decode_tokens, use_cache=True)
+            uncached = measure(model, total, batch, args.decode_tokens, use_cache=False)
+            row = {"total_tokens": total, "batch": batch, "cached": cached, "uncached": uncached,
+                   "speedup": uncached["ms_per_step"] / cached["ms_per_step"],
+                   "torch": torch_decode_speed(CONFIG, total, batch, args.decode_tokens)}
+            rows.append(row)
+            print(f"{total:>6} {batch:>5} | {cached['prefill_tok_s']:>13,.0f} | {cached['ms_per_step']:>14.2f} "
+                  f"{cached['decode_tok_s']:>8,.0f} | {uncached['ms_per_step']:>16.2f} {uncached['decode_tok_s']:>8,.0f} | "
+                  f"{row['speedup']:>12.1f}x", flush=True)
+            if row["torch"] is not None:
+                print(f"{'':>12} torch: {row['torch']['ms_per_step']:.2f} ms/step")
+
+    result = {"config": CONFIG, "device": backend.default_device(), "decode_tokens": args.decode_tokens,
+              "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

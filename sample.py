@@ -1,0 +1,201 @@
+"""Sample text from a checkpoint that train.py wrote, streaming tokens as they come.
+
+    python sample.py --out-dir out-shakespeare-char-cpu --prompt "ROMEO:" --max-new-tokens 300
+    python sample.py --out-dir out --prompt @prompt.txt --temperature 0.8 --top-k 40 --num-samples 3
+    python sample.py --out-dir out --temperature 0               # greedy
+    python sample.py --out-dir out --draft-out-dir out-small --verbose   # speculative decoding
+    python sample.py --out-dir out --attention-map attn.png --layer 0    # needs matplotlib
+
+Errors (a missing or corrupt checkpoint, a character the vocabulary lacks, a bad flag)
+are one line on stderr and exit code 2; --debug shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+SEPARATOR = "\n---------------\n"  # between samples, as nanoGPT's sample.py
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (not usage + message) and exit code 2."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = OneLineParser(description=__doc__.split("\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out-dir", default="out-shakespeare-char-cpu", help="training out dir holding ckpt.npz")
+    p.add_argument("--prompt", default="\n", help="start text, or @file to read it from a file")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus: the smallest set with mass >= p")
+    p.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i")
+    p.add_argument("--no-cache", action="store_true", help="re-run the whole context every step (slow reference)")
+    p.add_argument("--device", default=None, help="cpu, cuda or strict (default: TINYGRAD_LITE_DEVICE or cpu)")
+    p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    p.add_argument("--draft-out-dir", default=None, help="a smaller checkpoint: speculative decoding")
+    p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per round (k)")
+    p.add_argument("--attention-map", default=None, metavar="PNG", help="plot one layer's attention heads")
+    p.add_argument("--layer", type=int, default=0, help="the layer for --attention-map")
+    p.add_argument("--verbose", action="store_true", help="prefill / decode tokens/s on stderr")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the checkpoint is read."""
+    from model.generate import _check_stops, check_sampling
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    _check_stops(args.stop)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.num_draft < 1:
+        raise UserError(f"--num-draft must be >= 1, got {args.num_draft}")
+    if args.attention_map:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--attention-map needs matplotlib: pip install matplotlib") from None
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt text; "@path" reads it from a UTF-8 file."""
+    if not prompt.startswith("@"):
+        return prompt
+    path = Path(prompt[1:])
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prompt file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def load_model(out_dir: str):
+    """(model in eval mode, tokenizer) from a training out dir, on the default device."""
+    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.gpt import GPT, GPTConfig
+    from model.tokenizer import tokenizer_from_dict
+    state, meta, _ = load_checkpoint(out_dir)  # CheckpointError on any problem
+    if "model_config" not in meta or "tokenizer" not in meta:
+        raise CheckpointError(f"{out_dir} has no model_config/tokenizer in its header; was it written by train.py?")
+    try:
+        config = GPTConfig(**meta["model_config"])
+        model = GPT(config)
+        model.load_state_dict(state)
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{out_dir}: the checkpoint does not fit its own config: {e}") from None
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{out_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
+    return model.eval(), tokenizer
+
+
+def run(args: argparse.Namespace) -> None:
+    from model.attention_plot import attention_maps, plot_attention
+    from model.generate import TextFollower, stream
+    from model.speculative import SpeculativeStats, speculative_stream
+    from tinygrad_lite import backend
+
+    check_args(args)
+    if args.device:
+        backend.set_default_device(args.device)  # before the model is built: its weights go there
+    model, tokenizer = load_model(args.out_dir)
+    n_layer = model.config.n_layer
+    if args.attention_map and not -n_layer <= args.layer < n_layer:
+        raise UserError(f"--layer must be in 0..{n_layer - 1} (or negative, from the end), got {args.layer}")
+    draft = None
+    if args.draft_out_dir:
+        draft, draft_tokenizer = load_model(args.draft_out_dir)
+        if draft_tokenizer.to_dict() != tokenizer.to_dict():
+            raise UserError("the draft checkpoint uses a different tokenizer than the target")
+    text = read_prompt(args.prompt)
+    prompt = tokenizer.encode(text)  # ValueError for characters outside a char vocabulary
+    if not prompt:  # the policy of model/generate.py: no silent default start token
+        raise UserError("the prompt is empty: give --prompt at least one character (the default is '\\n')")
+
+    out = sys.stdout
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    use_cache=not args.no_cache)
+    first_sample = None
+    for i in range(args.num_samples):
+        seed = args.seed + i  # one seed per sample: reproducible, and the samples differ
+        stats = SpeculativeStats()
+        if draft is not None:
+            tokens = speculative_stream(model, draft, prompt, args.max_new_tokens, num_draft=args.num_draft,
+                                        seed=seed, stats=stats, **sampling)
+        else:
+            tokens = (ids[0] for ids in stream(model, prompt, args.max_new_tokens, seed=seed, **sampling))
+        follower = TextFollower(tokenizer.decode, args.stop)
+        out.write(text)
+        out.flush()
+        start, first = time.perf_counter(), None
+        for token in tokens:
+            first = first or time.perf_counter()
+            out.write(follower.add(token))
+            out.flush()
+            if follower.stopped:
+                break
+        out.write(follower.finish() + (SEPARATOR if i + 1 < args.num_samples else "\n"))
+        out.flush()
+        end = time.perf_counter()
+        if args.verbose:
+            report_speed(len(prompt), len(follower.ids), start, first, end, stats if draft else None)
+        if first_sample is None:
+            first_sample = prompt + follower.kept_ids()
+
+    if args.attention_map:
+        ids = first_sample[-model.config.block_size:]
+        maps = attention_maps(model, ids, args.layer)  # (n_head, T, T)
+        labels = [tokenizer.decode([t]) for t in ids]
+        plot_attention(maps, args.attention_map, labels, title=f"layer {args.layer}")
+        print(f"attention map of layer {args.layer}: {args.attention_map}", file=sys.stderr)
+
+
+def report_speed(n_prompt: int, n_new: int, start: float, first: float | None, end: float, stats) -> None:
+    """Prefill speed: prompt tokens / time to the first new token; decode: the rest."""
+    if first is None:
+        print(f"prefill: no tokens generated ({n_prompt} prompt tokens)", file=sys.stderr)
+        return
+    line = f"prefill: {n_prompt / max(first - start, 1e-9):,.0f} tokens/s ({n_prompt} tokens)"
+    if n_new > 1:
+        line += f"; decode: {(n_new - 1) / max(end - first, 1e-9):,.1f} tokens/s ({n_new - 1} tokens)"
+    print(line, file=sys.stderr)
+    if stats is not None:
+        print(f"speculative: {stats}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `python sample.py | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+    except Exception as e:
+        from model.checkpoint import CheckpointError
+        if args.debug or not isinstance(e, (UserError, CheckpointError, ValueError, RuntimeError)):
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
