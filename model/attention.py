@@ -54,7 +54,12 @@ class CausalSelfAttention(nn.Module):
                 start_pos: int = 0) -> Tensor:
         B, T, C = x.shape
         hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(3, axis=2)  # 3 x (B, T, C)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        dropout = self.dropout if self.training else 0.0
+        if self.rope is None and cache is None and not self.keep_weights:
+            # training fast path: split heads, attend, merge heads in one fused op
+            return self.resid_dropout(self.c_proj(F.causal_self_attention(qkv, self.n_head, dropout)))
+        q, k, v = qkv.split(3, axis=2)  # 3 x (B, T, C)
         q = q.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -66,7 +71,6 @@ class CausalSelfAttention(nn.Module):
             mask = causal_mask(q.xp, T, k.shape[-2])
             y, self.last_weights = self_attention(q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))

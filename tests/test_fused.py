@@ -131,6 +131,14 @@ def test_scaled_dot_product_attention(data, causal):
                                  [q, k, v])
 
 
+@given(data=st.data())
+def test_packed_causal_self_attention(data):
+    B, T, H, D = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 3)), data.draw(small_dims)
+    qkv = data.draw(arrays((B, T, 3 * H * D), -3, 3))
+    assert_same_values_and_grads(lambda t: F.causal_self_attention(t, H),
+                                 lambda t: C.causal_self_attention(t, H), [qkv])
+
+
 # --- numerical stability: NumPy float64 references ---------------------------------------------
 
 

@@ -298,6 +298,18 @@ def test_attention(data, causal, dropout):
     gradcheck(attention, [q, k, v], name="Attention")
 
 
+@checks("PackedAttention")
+@given(data=st.data(), dropout=st.sampled_from([0.0, 0.3]))
+def test_packed_attention(data, dropout):
+    B, T, H, D = data.draw(st.integers(1, 2)), data.draw(small_dims), data.draw(st.integers(1, 2)), data.draw(small_dims)
+    qkv = tensor(data.draw(arrays((B, T, 3 * H * D))))
+
+    def attention(qkv):
+        backend.manual_seed(3)
+        return F.causal_self_attention(qkv, H, dropout_p=dropout)
+    gradcheck(attention, [qkv], name="PackedAttention")
+
+
 # --- the meta-test ----------------------------------------------------------------------------
 
 

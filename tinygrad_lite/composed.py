@@ -61,3 +61,12 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     if causal:
         scores = where(causal_mask(q.xp, q.shape[-2], k.shape[-2]), -math.inf, scores)
     return softmax(scores, axis=-1) @ v
+
+
+def causal_self_attention(qkv: Tensor, n_head: int) -> Tensor:
+    """qkv (B, T, 3C) -> (B, T, C): split, heads, attention, merge; each step a primitive."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(3, axis=2))
+    y = scaled_dot_product_attention(q, k, v, causal=True)  # (B, nh, T, hs)
+    return y.transpose(1, 2).reshape(B, T, C)

@@ -21,11 +21,16 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 def cross_entropy(logits: Tensor, targets, ignore_index: int | None = None) -> Tensor:
     """Mean cross-entropy of logits (..., V) against integer targets (...)."""
     targets = targets.data if isinstance(targets, Tensor) else Tensor(targets, device=logits.device).data
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy targets must be integer class ids, got {targets.dtype}")
     return fused.CrossEntropy.apply(logits, targets, ignore_index=ignore_index)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Normalise x (..., C) over its last axis, then scale by weight (C,) and shift by bias (C,)."""
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != x.shape[-1:]:
+            raise ValueError(f"layer_norm: {name} has shape {p.shape} but x {x.shape} needs {x.shape[-1:]}")
     return fused.LayerNorm.apply(x, weight, bias, eps=eps)
 
 
@@ -58,3 +63,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     Causal: query i (the last Tq of Tk positions) sees keys up to its own position.
     """
     return fused.Attention.apply(q, k, v, causal=causal, dropout_p=dropout_p)
+
+
+def causal_self_attention(qkv: Tensor, n_head: int, dropout_p: float = 0.0) -> Tensor:
+    """Multi-head causal attention from packed qkv (B, T, 3C) (q, k, v side by side, each
+    C = n_head * head_size wide, as c_attn makes them) to (B, T, C), heads merged."""
+    return fused.PackedAttention.apply(qkv, n_head=n_head, dropout_p=dropout_p)

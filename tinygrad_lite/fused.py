@@ -232,61 +232,6 @@ class Dropout(Function):
         return (grad * self.mask,)
 
 
-# --- attention -----------------------------------------------------------------------------
+# --- attention: in its own file, fused_attention.py -------------------------------------
 
-
-def causal_mask(xp, Tq: int, Tk: int):
-    """(Tq, Tk) bool, True where query i may NOT see key j.
-
-    The Tq queries are the last Tq of the Tk positions (the KV-cache case), so query i
-    sits at position i + Tk - Tq and sees keys 0 .. i + Tk - Tq.
-    """
-    return xp.arange(Tk)[None, :] > xp.arange(Tq)[:, None] + (Tk - Tq)
-
-
-class Attention(Function):
-    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Tq, D), k and v (B, H, Tk, D).
-
-    Output (B, H, Tq, D). With causal=True each query sees only keys at or before its
-    own position.
-    """
-
-    def forward(self, q, k, v, causal=True, dropout_p=0.0):
-        xp = xp_of(q)
-        Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
-        if k.shape[-1] != D or v.shape[-2] != Tk:
-            raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                             "do not fit together")
-        if causal and Tq > Tk:
-            raise ValueError(f"causal attention needs at least as many keys as queries ({Tk} < {Tq})")
-        self.scale = 1.0 / math.sqrt(D)
-        att = q @ xp.swapaxes(k, -1, -2)  # (B, H, Tq, Tk)
-        att *= self.scale
-        if causal:
-            att += xp.where(causal_mask(xp, Tq, Tk), -xp.inf, 0).astype(att.dtype)  # (Tq, Tk)
-        att -= att.max(axis=-1, keepdims=True)  # softmax, in place
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)
-        self.q, self.k, self.v, self.att = q, k, v, att
-        self.mask = None
-        if dropout_p > 0:
-            from .backend import device_of
-            self.mask = (rand(att.shape, device_of(att), att.dtype) >= dropout_p) * att.dtype.type(1 / (1 - dropout_p))
-            att = att * self.mask
-        return att @ v  # (B, H, Tq, D)
-
-    # with P = softmax(S), S = q k^T * scale, O = P v:
-    # dv = P^T dO;  dP = dO v^T;  dS = P * (dP - sum(dP * P));  dq = dS k * scale;  dk = dS^T q * scale
-    def backward(self, grad):
-        xp = xp_of(grad)
-        P = self.att
-        P_used = P if self.mask is None else P * self.mask
-        dv = xp.swapaxes(P_used, -1, -2) @ grad  # (B, H, Tk, D)
-        dP = grad @ xp.swapaxes(self.v, -1, -2)  # (B, H, Tq, Tk)
-        if self.mask is not None:
-            dP *= self.mask
-        dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
-        dS *= self.scale
-        dq = dS @ self.k  # (B, H, Tq, D)
-        dk = xp.swapaxes(dS, -1, -2) @ self.q  # (B, H, Tk, D)
-        return dq, dk, dv
+from .fused_attention import Attention, PackedAttention, causal_mask  # noqa: E402,F401

@@ -98,11 +98,11 @@ class Module:
         for name, p in params.items():
             if name not in state:
                 continue
-            value = state[name]
+            value = backend.to_numpy(state[name])  # a host array, whatever it came as (a list too)
             if tuple(value.shape) != p.shape:
                 raise ValueError(f"load_state_dict: {name} has shape {tuple(value.shape)} in the "
                                  f"state dict but {p.shape} in the model")
-            p.data = backend.asarray(backend.to_numpy(value), p.device, p.dtype)
+            p.data = backend.asarray(value, p.device, p.dtype)
 
     def num_parameters(self) -> int:
         return sum(p.size for p in self.parameters())

@@ -115,6 +115,7 @@ class Adam(Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._scratch: dict[int, Any] = {}
 
     def step(self) -> None:
         self.step_count += 1
@@ -129,15 +130,22 @@ class Adam(Optimizer):
             if "exp_avg" not in state:
                 state["exp_avg"] = p.xp.zeros_like(p.data)
                 state["exp_avg_sq"] = p.xp.zeros_like(p.data)
-            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m, v, xp = state["exp_avg"], state["exp_avg_sq"], p.xp
+            scratch = self._scratch.get(id(p))
+            if scratch is None:  # NOTE: one reusable buffer per parameter: no temporaries per step
+                scratch = self._scratch[id(p)] = xp.empty_like(p.data)
             m *= beta1
-            m += (1 - beta1) * g
+            m += xp.multiply(g, 1 - beta1, out=scratch)  # m = b1 m + (1 - b1) g
             v *= beta2
-            v += (1 - beta2) * (g * g)
-            step_size = lr / (1 - beta1 ** t)
-            denom = p.xp.sqrt(v / (1 - beta2 ** t))
-            denom += group["eps"]
-            p.data -= step_size * (m / denom)
+            xp.multiply(g, g, out=scratch)
+            scratch *= 1 - beta2
+            v += scratch  # v = b2 v + (1 - b2) g^2
+            xp.sqrt(v, out=scratch)
+            scratch *= 1 / math.sqrt(1 - beta2 ** t)
+            scratch += group["eps"]  # sqrt(v_hat) + eps
+            xp.divide(m, scratch, out=scratch)
+            scratch *= lr / (1 - beta1 ** t)  # lr m_hat / (sqrt(v_hat) + eps)
+            p.data -= scratch
 
 
 class AdamW(Adam):

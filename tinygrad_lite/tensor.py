@@ -219,7 +219,10 @@ class Tensor:
     def __neg__(self): return ops.Neg.apply(self)
     def __matmul__(self, other): return ops.MatMul.apply(self, _lift(other, self, as_tensor=True))
     def __rmatmul__(self, other): return ops.MatMul.apply(_lift(other, self, as_tensor=True), self)
-    def __getitem__(self, index): return ops.GetItem.apply(self, index=_index_data(index))
+    def __getitem__(self, index):
+        index = _index_data(index)
+        _check_index_bounds(index, self.shape)
+        return ops.GetItem.apply(self, index=index)
 
     # comparisons give plain boolean tensors (no gradient), as in PyTorch
     def __lt__(self, other): return Tensor._from_array(self.data < _data(other))
@@ -245,11 +248,12 @@ class Tensor:
 
     def mean(self, axis=None, keepdims: bool = False) -> "Tensor":
         """sum / count: composed of primitives, so it needs no backward of its own."""
+        total = self.sum(axis=axis, keepdims=keepdims)  # first: it checks the axes
         axes = range(self.ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
         count = 1
         for a in axes:
             count *= self.shape[a]
-        return self.sum(axis=axis, keepdims=keepdims) * (1.0 / count)
+        return total * (1.0 / count)
 
     # --- shape ---
     def reshape(self, *shape) -> "Tensor":
@@ -262,6 +266,9 @@ class Tensor:
 
     def transpose(self, axis0: int = -2, axis1: int = -1) -> "Tensor":
         """Swap two axes (default: the last two, as for a matrix)."""
+        if not (-self.ndim <= axis0 < self.ndim and -self.ndim <= axis1 < self.ndim):
+            raise ValueError(f"transpose axes ({axis0}, {axis1}) are out of range for a tensor "
+                             f"with {self.ndim} dimensions")
         axes = list(range(self.ndim))
         axes[axis0], axes[axis1] = axes[axis1], axes[axis0]
         return self.permute(*axes)
@@ -320,6 +327,8 @@ class Tensor:
 
 def concatenate(tensors: list[Tensor], axis: int = 0) -> Tensor:
     """Join tensors along an existing axis."""
+    if not tensors:
+        raise ValueError("concatenate needs at least one tensor")
     return ops.Concatenate.apply(*tensors, axis=axis)
 
 
@@ -376,6 +385,43 @@ def _index_data(index: Any) -> Any:
     if isinstance(index, tuple):
         return tuple(_data(i) for i in index)
     return _data(index)
+
+
+def _check_index_bounds(index: Any, shape: tuple) -> None:
+    """IndexError for an integer (or integer-array) index outside its axis.
+
+    NumPy raises for these, but CuPy wraps an out-of-range integer array around
+    silently (index 5 of 3 rows reads row 2), so the engine checks them itself, as
+    embedding and cross_entropy check token ids. Negative indices count from the end.
+    """
+    items = index if isinstance(index, tuple) else (index,)
+
+    def width(item: Any) -> int:  # how many axes of the input an index item consumes
+        if item is None:
+            return 0
+        if getattr(item, "dtype", None) is not None and item.dtype.kind == "b":
+            return item.ndim  # a boolean mask covers as many axes as it has dimensions
+        return 1
+
+    named = sum(width(i) for i in items if i is not Ellipsis)
+    axis = 0
+    for item in items:
+        if item is Ellipsis:
+            axis += max(len(shape) - named, 0)
+            continue
+        if isinstance(item, list):
+            item = backend.numpy.asarray(item)  # a Python list of ints: host data, not tensor data
+        is_int = isinstance(item, int) and not isinstance(item, bool)
+        is_int_array = getattr(item, "dtype", None) is not None and item.dtype.kind in "iu"
+        if (is_int or is_int_array) and axis < len(shape):
+            n = shape[axis]
+            low, high = (item, item) if is_int else (
+                (int(item.min()), int(item.max())) if item.size else (0, -1))
+            if low < -n or high >= n:
+                bad = low if low < -n else high
+                raise IndexError(f"index {bad} is out of range for axis {axis} with size {n} "
+                                 f"(valid: {-n}..{n - 1})")
+        axis += width(item)
 
 
 def _lift(other: Any, like: Tensor, as_tensor: bool = False) -> Any:

@@ -1,0 +1,106 @@
+"""Fused causal attention, with the hand-derived backward of softmax(q k^T / sqrt(D)) v.
+
+Two entry points share one forward and one backward:
+  - `Attention` takes q, k, v already split into heads (B, H, T, D): the general case
+    (RoPE-rotated queries and keys, a KV cache);
+  - `PackedAttention` takes the packed output of c_attn (B, T, 3C) and returns (B, T, C),
+    so splitting into heads and merging them back are free views instead of six ops with
+    their own backward copies (the training fast path).
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import device_of, rand, xp_of
+from .tensor import Function
+
+
+def causal_mask(xp, Tq: int, Tk: int):
+    """(Tq, Tk) bool, True where query i may NOT see key j.
+
+    The Tq queries are the last Tq of the Tk positions (the KV-cache case), so query i
+    sits at position i + Tk - Tq and sees keys 0 .. i + Tk - Tq.
+    """
+    return xp.arange(Tk)[None, :] > xp.arange(Tq)[:, None] + (Tk - Tq)
+
+
+def attention_forward(q, k, v, causal: bool, dropout_p: float):
+    """q (B, H, Tq, D), k, v (B, H, Tk, D) -> (out (B, H, Tq, D), saved for backward)."""
+    xp = xp_of(q)
+    Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    if k.shape[-1] != D or v.shape[-2] != Tk:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "do not fit together")
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs at least as many keys as queries ({Tk} < {Tq})")
+    scale = 1.0 / math.sqrt(D)
+    att = q @ xp.swapaxes(k, -1, -2)  # (B, H, Tq, Tk): every query against every key
+    att *= scale
+    if causal:
+        att += xp.where(causal_mask(xp, Tq, Tk), -xp.inf, 0).astype(att.dtype)  # (Tq, Tk)
+    att -= att.max(axis=-1, keepdims=True)  # softmax, in place
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    mask = None
+    if dropout_p > 0:
+        mask = (rand(att.shape, device_of(att), att.dtype) >= dropout_p) * att.dtype.type(1 / (1 - dropout_p))
+    out = (att if mask is None else att * mask) @ v  # (B, H, Tq, D)
+    return out, (q, k, v, att, mask, scale)
+
+
+# with P = softmax(S), S = q k^T * scale, O = P v:
+# dv = P^T dO;  dP = dO v^T;  dS = P * (dP - sum(dP * P));  dq = dS k * scale;  dk = dS^T q * scale
+def attention_backward(grad, saved):
+    """grad (B, H, Tq, D) -> dq, dk, dv."""
+    q, k, v, P, mask, scale = saved
+    xp = xp_of(grad)
+    dv = xp.swapaxes(P if mask is None else P * mask, -1, -2) @ grad  # (B, H, Tk, D)
+    dS = grad @ xp.swapaxes(v, -1, -2)  # dP: (B, H, Tq, Tk)
+    if mask is not None:
+        dS *= mask
+    row = (dS * P).sum(axis=-1, keepdims=True)  # (B, H, Tq, 1)
+    dS -= row
+    dS *= P
+    dS *= scale
+    dq = dS @ k  # (B, H, Tq, D)
+    dk = xp.swapaxes(dS, -1, -2) @ q  # (B, H, Tk, D)
+    return dq, dk, dv
+
+
+class Attention(Function):
+    """softmax(q k^T / sqrt(D) + mask) v for q (B, H, Tq, D), k and v (B, H, Tk, D).
+
+    Output (B, H, Tq, D). With causal=True each query sees only keys at or before its
+    own position.
+    """
+
+    def forward(self, q, k, v, causal=True, dropout_p=0.0):
+        out, self.saved = attention_forward(q, k, v, causal, dropout_p)
+        return out
+
+    def backward(self, grad):
+        return attention_backward(grad, self.saved)
+
+
+class PackedAttention(Function):
+    """Causal multi-head attention straight from packed qkv (B, T, 3C) to y (B, T, C)."""
+
+    def forward(self, qkv, n_head, dropout_p=0.0):
+        B, T, C3 = qkv.shape
+        if C3 % (3 * n_head):
+            raise ValueError(f"packed qkv of width {C3} does not split into 3 x {n_head} heads")
+        hs = C3 // (3 * n_head)
+        heads = qkv.reshape(B, T, 3, n_head, hs)  # a view
+        q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # 3 x (B, nh, T, hs) views
+        y, self.saved = attention_forward(q, k, v, True, dropout_p)
+        self.shape = (B, T, n_head, hs)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)  # heads side by side again
+
+    # the same backward; only the head split/merge is undone by views
+    def backward(self, grad):
+        B, T, nh, hs = self.shape
+        g = grad.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs) view
+        dqkv = xp_of(grad).empty((B, T, 3, nh, hs), dtype=grad.dtype)
+        for i, d in enumerate(attention_backward(g, self.saved)):
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        return (dqkv.reshape(B, T, 3 * nh * hs),)
