@@ -196,6 +196,7 @@ FLOAT32_OPS = {
     "Embedding": (lambda w: F.embedding(w, IDS), [W]),
     "Dropout": (lambda a: F.dropout(a, 0.5, training=True), [M]),
     "Attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2), [QKV, QKV, QKV]),
+    "PackedAttention": (lambda qkv: F.causal_self_attention(qkv, 2, dropout_p=0.2), [QKV.reshape(1, 2, 12)]),
 }
 
 
