@@ -71,6 +71,9 @@ def check_args(args: argparse.Namespace) -> None:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UserError("--attention-map needs matplotlib: pip install matplotlib") from None
+        folder = Path(args.attention_map).parent
+        if not folder.is_dir():  # fail now, not after all the samples were generated
+            raise UserError(f"--attention-map: the folder {str(folder)!r} does not exist")
 
 
 def read_prompt(prompt: str) -> str:
@@ -191,7 +194,8 @@ def main(argv=None) -> int:
         return 0
     except Exception as e:
         from model.checkpoint import CheckpointError
-        if args.debug or not isinstance(e, (UserError, CheckpointError, ValueError, RuntimeError)):
+        # OSError: e.g. a file that cannot be written or read
+        if args.debug or not isinstance(e, (UserError, CheckpointError, ValueError, RuntimeError, OSError)):
             raise
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
         return 2

@@ -43,9 +43,17 @@ class UserError(Exception):
     """Bad input from the user: reported as one line on stderr, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (not usage + message) and exit code 2."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: tiny Shakespeare, downloaded and cached)")
     p.add_argument("--out-dir", default=None, help="checkpoint and logs (default: out-<preset>)")
@@ -79,23 +87,43 @@ def resolve_config(args: argparse.Namespace) -> dict:
             cfg[key] = value
     cfg.update(seed=args.seed, preset=args.preset, bias=False)
     cfg["out_dir"] = args.out_dir or f"out-{args.preset}"
+    if Path(cfg["out_dir"]).exists() and not Path(cfg["out_dir"]).is_dir():
+        raise UserError(f"--out-dir {cfg['out_dir']} is a file, not a folder")
     if cfg["device"] == "cuda" and args.device is None:
         from tinygrad_lite import backend
         if not backend.cuda_available:
             cfg["device"] = "cpu"  # the GPU preset still runs, slowly, without CuPy
-    for key in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters"):
-        if cfg[key] < 1 and not (key == "max_iters" and cfg[key] == 0):
+    if cfg["max_iters"] < 0:
+        raise UserError(f"--max-iters must be >= 0, got {cfg['max_iters']}")
+    for key in ("batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters",
+                "n_layer", "n_head", "n_embd"):
+        if cfg[key] < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
     if cfg["n_embd"] % cfg["n_head"]:
         raise UserError(f"--n-embd {cfg['n_embd']} is not divisible by --n-head {cfg['n_head']}")
     if not 0 <= cfg["dropout"] < 1:
         raise UserError(f"--dropout must be in [0, 1), got {cfg['dropout']}")
-    if cfg["lr"] <= 0 or cfg["min_lr"] < 0:
-        raise UserError("--lr must be > 0 and --min-lr >= 0")
+    if not (cfg["lr"] > 0 and cfg["min_lr"] >= 0):  # written so that NaN fails too
+        raise UserError(f"--lr must be > 0 and --min-lr >= 0, got {cfg['lr']} and {cfg['min_lr']}")
+    for key in ("beta1", "beta2"):  # beta2 = 1 would divide by 1 - beta2^t = 0 in Adam's bias correction
+        if not 0 <= cfg[key] < 1:
+            raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
+    if not cfg["weight_decay"] >= 0:
+        raise UserError(f"--weight-decay must be >= 0, got {cfg['weight_decay']}")
     return cfg
 
 
 # --- helpers ------------------------------------------------------------------------------
+
+
+def check_training_header(meta: dict, path: Path) -> None:
+    """A checkpoint to resume or fine-tune from must carry train.py's config and tokenizer."""
+    from model.checkpoint import CheckpointError
+    config = meta.get("config")
+    missing = [k for k in ("config", "tokenizer") if k not in meta]
+    missing += [f"config.{k}" for k in ARCH_KEYS + ("tokenizer",) if isinstance(config, dict) and k not in config]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(missing)} in its header; was it written by train.py?")
 
 
 def load_training_text(cfg: dict) -> str:
@@ -186,6 +214,7 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(ckpt_path)  # CheckpointError on any problem
+        check_training_header(checkpoint[1], ckpt_path)
         saved = checkpoint[1]
         for key in ARCH_KEYS + ("tokenizer",):  # the architecture comes from the checkpoint
             cfg[key] = saved["config"][key]
@@ -193,6 +222,7 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
             cfg["data"] = saved["config"]["data"]
     elif args.init_from:
         checkpoint = load_checkpoint(Path(args.init_from) / CHECKPOINT_NAME)
+        check_training_header(checkpoint[1], Path(args.init_from) / CHECKPOINT_NAME)
         for key in ARCH_KEYS:
             cfg[key] = checkpoint[1]["config"][key]
 
@@ -333,9 +363,11 @@ def main(argv=None) -> int:
     except Exception as e:
         from model.checkpoint import CheckpointError
         from model.data import DataError
-        if args.debug or not isinstance(e, (UserError, DataError, CheckpointError, ValueError, RuntimeError)):
+        # OSError: e.g. an --out-dir inside a file, a full disk, no permission
+        if args.debug or not isinstance(e, (UserError, DataError, CheckpointError, ValueError, RuntimeError,
+                                            OSError)):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
         return 2
 
 

@@ -42,7 +42,7 @@ VOCAB_SIZE = 65  # the char tokenizer's vocabulary on tiny Shakespeare
 SEED = 1337
 STREAM_TOKENS = 100_000  # the random token stream the batches are cut from
 RESULTS = ROOT / "bench" / "results" / "train_speed.json"
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TINYGRAD_LITE_THREADS")
 RECORDED_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") + THREAD_VARS
 FRAMEWORKS = ("tinygrad_lite", "pytorch")
 

@@ -17,6 +17,7 @@ import numpy as np
 
 CHECKPOINT_NAME = "ckpt.npz"
 FORMAT_VERSION = 1
+ZIP_SIGNATURE = b"PK\x03\x04"  # the first bytes of every .npz, which is a zip archive
 
 
 class CheckpointError(ValueError):
@@ -50,6 +51,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    with open(path, "rb") as f:
+        signature = f.read(4)
+    if signature != ZIP_SIGNATURE:  # else np.load would read a .npy, or call any other file "pickled"
+        raise CheckpointError(f"{path} is not a checkpoint: "
+                              f"{'the file is empty' if not signature else 'not an .npz (zip) file'}")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}

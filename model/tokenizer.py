@@ -265,13 +265,18 @@ def make_tokenizer(name: str, text: str) -> Tokenizer:
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Inverse of `to_dict()`: rebuild a tokenizer that encodes exactly as the saved one."""
     kind = d.get("kind")
+    fields = {"char": ("chars",), "tiktoken": ("encoding",), "tiktoken-compact": ("encoding", "kept_ids")}
+    if kind not in fields:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected char, tiktoken or tiktoken-compact")
+    missing = [f for f in fields[kind] if f not in d]
+    if missing:
+        raise ValueError(f"a {kind!r} tokenizer needs {', '.join(map(repr, missing))} in its dict; got only "
+                         f"{', '.join(map(repr, d))}")
     if kind == "char":
         return CharTokenizer(d["chars"])
     if kind == "tiktoken":
         return TiktokenTokenizer(d["encoding"])
-    if kind == "tiktoken-compact":
-        return CompactTiktokenTokenizer(d["encoding"], kept_ids=d["kept_ids"])
-    raise ValueError(f"unknown tokenizer kind {kind!r}; expected char, tiktoken or tiktoken-compact")
+    return CompactTiktokenTokenizer(d["encoding"], kept_ids=d["kept_ids"])
 
 
 def count_tokens(text: str, encoding_name: str = "cl100k_base") -> int:

@@ -217,3 +217,36 @@ def test_rng_state_round_trip_reproduces_the_next_draws():
     second = [Tensor.randn(4).numpy(), backend.to_numpy(backend.rand((3,), backend.default_device()))]
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+def test_parallel_rows_on_a_big_array_matches_one_call():
+    """Big kernels run in row blocks on threads; the result must not depend on the split."""
+    import tinygrad_lite.functional as F
+    from tinygrad_lite import composed
+    x = np.random.default_rng(0).standard_normal((513, 257)).astype(np.float32)  # rows not divisible
+    assert x.size >= backend.PARALLEL_MIN_SIZE
+    t = Tensor(x, requires_grad=True)
+    fast = F.gelu(t)
+    fast.sum().backward()
+    ref_in = Tensor(x, requires_grad=True)
+    ref = composed.gelu(ref_in)
+    ref.sum().backward()
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(backend.to_numpy(t.grad), backend.to_numpy(ref_in.grad), rtol=1e-4, atol=1e-5)
+
+    w, b = (Tensor(np.random.default_rng(i).standard_normal(257).astype(np.float32), requires_grad=True)
+            for i in (1, 2))
+    for fn in (F.layer_norm, composed.layer_norm):
+        t = Tensor(x, requires_grad=True)
+        y = fn(t, w, b)
+        (y * y).sum().backward()
+        if fn is F.layer_norm:
+            fast_y, fast_grads = y.numpy(), [backend.to_numpy(p.grad) for p in (t, w, b)]
+            w.grad = b.grad = None
+    np.testing.assert_allclose(fast_y, y.numpy(), rtol=1e-4, atol=1e-4)
+    for fast_g, p in zip(fast_grads, (t, w, b)):
+        np.testing.assert_allclose(fast_g, backend.to_numpy(p.grad), rtol=1e-3, atol=1e-3)
+
+    out = np.empty_like(x)
+    backend.parallel_rows(lambda a, o: np.multiply(a, 2, out=o), x, out)
+    np.testing.assert_array_equal(out, x * 2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import rand, scatter_add, xp_of
+from .backend import parallel_rows, rand, scatter_add, xp_of
 from .tensor import Function
 
 # --- activations -----------------------------------------------------------------------
@@ -17,39 +17,55 @@ from .tensor import Function
 GELU_C = math.sqrt(2.0 / math.pi)
 
 
-class GELU(Function):
-    """GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
+def _gelu_forward(x, t, out):
+    """out = gelu(x), t = tanh(c (x + 0.044715 x^3)): in place, one block of rows."""
+    xp = xp_of(x)
+    xp.multiply(x, x, out=t)
+    t *= 0.044715 * GELU_C
+    t += GELU_C
+    t *= x  # c (x + 0.044715 x^3)
+    xp.tanh(t, out=t)
+    xp.add(t, 1, out=out)
+    out *= x
+    out *= 0.5
 
-    # NOTE: written as in-place steps on two buffers: an activation of (B, T, 4C) is
-    # the largest array in the model, and every temporary costs a pass over memory.
+
+def _gelu_backward(x, t, grad, d):
+    """d = grad * gelu'(x), given t from the forward: in place, one block of rows."""
+    xp = xp_of(x)
+    xp.multiply(x, x, out=d)
+    d *= 3 * 0.044715 * GELU_C
+    d += GELU_C  # c (1 + 3 * 0.044715 x^2)
+    d *= x
+    d *= 1 - t * t
+    d += t
+    d += 1
+    d *= grad
+    d *= 0.5
+
+
+class GELU(Function):
+    """GPT-2's GELU, tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x^3))).
+
+    NOTE: written as in-place steps on preallocated buffers, in row blocks on all CPU
+    cores: a (B, T, 4C) activation is the largest array in the model, and every
+    temporary costs a pass over memory.
+    """
+
     def forward(self, x):
         xp = xp_of(x)
-        t = xp.multiply(x, x, out=xp.empty_like(x))  # out=: a 0-d input stays an array
-        t *= 0.044715 * GELU_C
-        t += GELU_C
-        t *= x  # c (x + 0.044715 x^3)
-        xp.tanh(t, out=t)
-        out = t + 1
-        out *= x
-        out *= 0.5
+        x = xp.ascontiguousarray(x).reshape(x.shape)  # (ascontiguousarray makes 0-d into 1-d)
+        t, out = xp.empty_like(x), xp.empty_like(x)
+        parallel_rows(_gelu_forward, x.reshape(-1), t.reshape(-1), out.reshape(-1))
         self.x, self.t = x, t
         return out
 
     # d/dx gelu: 0.5 (1 + t + x (1 - t^2) c (1 + 3 * 0.044715 x^2))
     def backward(self, grad):
-        x, t = self.x, self.t
-        d = x * x
-        d *= 3 * 0.044715 * GELU_C
-        d += GELU_C  # c (1 + 3 * 0.044715 x^2)
-        d *= x
-        xp = xp_of(t)
-        one_minus_t2 = xp.multiply(t, t, out=xp.empty_like(t))
-        xp.subtract(1, one_minus_t2, out=one_minus_t2)
-        d *= one_minus_t2
-        d += t
-        d += 1
-        d *= grad
-        d *= 0.5
+        xp = xp_of(grad)
+        grad = xp.ascontiguousarray(grad).reshape(grad.shape)
+        d = xp.empty_like(self.x)
+        parallel_rows(_gelu_backward, self.x.reshape(-1), self.t.reshape(-1), grad.reshape(-1), d.reshape(-1))
         return (d,)
 
 
@@ -144,38 +160,59 @@ class CrossEntropy(Function):
         return d.reshape(self.shape), None
 
 
+def _layer_norm_forward(x, weight, bias, eps, out, xhat, rstd):
+    """One block of rows (n, C): xhat = (x - mean) / sqrt(var + eps); out = xhat w + b."""
+    xp = xp_of(x)
+    C = x.shape[-1]
+    xp.subtract(x, x.sum(axis=-1, keepdims=True) * (1.0 / C), out=xhat)  # centred
+    var = (xhat * xhat).sum(axis=-1, keepdims=True) * (1.0 / C)  # (n, 1)
+    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
+    xhat *= rstd  # mean 0, variance 1
+    xp.multiply(xhat, weight, out=out)
+    if bias is not None:
+        out += bias
+
+
+def _layer_norm_backward(grad, xhat, rstd, weight, dx, g_xhat):
+    """One block of rows: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = g w."""
+    xp = xp_of(grad)
+    C = grad.shape[-1]
+    xp.multiply(grad, xhat, out=g_xhat)  # kept: dw = sum over rows of g xhat
+    mean_dxhat_xhat = (g_xhat @ weight)[:, None] * (1.0 / C)  # sum_c g w xhat, as a mat-vec
+    xp.multiply(grad, weight, out=dx)  # dxhat
+    dx -= dx.sum(axis=-1, keepdims=True) * (1.0 / C)
+    dx -= xhat * mean_dxhat_xhat
+    dx *= rstd
+
+
 class LayerNorm(Function):
-    """(x - mean) / sqrt(var + eps) * weight + bias, over the last axis. x (..., C)."""
+    """(x - mean) / sqrt(var + eps) * weight + bias, over the last axis. x (..., C).
+
+    Rows are independent, so both passes run in row blocks on all CPU cores.
+    """
 
     def forward(self, x, weight, bias, eps=1e-5):
         xp = xp_of(x)
         C = x.shape[-1]
-        xhat = x - x.sum(axis=-1, keepdims=True) * (1.0 / C)  # centred
-        var = (xhat * xhat).sum(axis=-1, keepdims=True) * (1.0 / C)  # (..., 1)
-        self.rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
-        xhat *= self.rstd  # (..., C): mean 0, variance 1
-        self.xhat, self.weight, self.has_bias = xhat, weight, bias is not None
-        out = xhat * weight
-        if bias is not None:
-            out += bias
-        return out
+        x2d = x.reshape(-1, C)  # (N, C)
+        out, xhat = xp.empty_like(x2d), xp.empty_like(x2d)
+        rstd = xp.empty((x2d.shape[0], 1), dtype=x.dtype)
+        parallel_rows(lambda x, o, xh, r: _layer_norm_forward(x, weight, bias, eps, o, xh, r),
+                      x2d, out, xhat, rstd)
+        self.xhat, self.rstd, self.weight, self.has_bias = xhat, rstd, weight, bias is not None
+        return out.reshape(x.shape)
 
     # dxhat = g w;  dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat));
     # dw = sum(g xhat), db = sum(g) over every axis but the last
     def backward(self, grad):
-        xhat, rstd, w = self.xhat, self.rstd, self.weight
-        C = xhat.shape[-1]
-        lead = tuple(range(grad.ndim - 1))
-        g_xhat = grad * xhat
-        dw = g_xhat.sum(axis=lead) if self.needs_grad[1] else None
-        db = grad.sum(axis=lead) if self.has_bias and self.needs_grad[2] else None
-        mean_dxhat_xhat = (g_xhat @ w)[..., None] * (1.0 / C)  # sum_c g w xhat, as a mat-vec
-        dx = grad * w  # dxhat
-        dx -= dx.sum(axis=-1, keepdims=True) * (1.0 / C)
-        g_xhat = xp_of(xhat).multiply(xhat, mean_dxhat_xhat, out=g_xhat)  # reuse the buffer
-        dx -= g_xhat
-        dx *= rstd
-        return dx, dw, db
+        xp = xp_of(grad)
+        g2d = grad.reshape(self.xhat.shape)  # (N, C)
+        dx, g_xhat = xp.empty_like(self.xhat), xp.empty_like(self.xhat)
+        parallel_rows(lambda g, xh, r, d, gx: _layer_norm_backward(g, xh, r, self.weight, d, gx),
+                      g2d, self.xhat, self.rstd, dx, g_xhat)
+        dw = g_xhat.sum(axis=0) if self.needs_grad[1] else None
+        db = g2d.sum(axis=0) if self.has_bias and self.needs_grad[2] else None
+        return dx.reshape(grad.shape), dw, db
 
 
 # --- layers ------------------------------------------------------------------------------

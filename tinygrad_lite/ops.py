@@ -139,7 +139,10 @@ class MatMul(Function):
         if a.shape[-1] != b.shape[-2]:
             raise ValueError(f"matmul shape mismatch: {tuple(a.shape)} @ {tuple(b.shape)} "
                              f"(inner sizes {a.shape[-1]} != {b.shape[-2]})")
-        broadcast_shape(a.shape[:-2], b.shape[:-2])
+        try:
+            broadcast_shape(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise ValueError(f"matmul batch dims do not broadcast: {tuple(a.shape)} @ {tuple(b.shape)}") from None
         self.a, self.b = a, b
         return a @ b
 

@@ -62,6 +62,9 @@ class Optimizer:
         self.state = {}
         for key, value in state["buffers"].items():
             index, name = key.split(".", 1)
+            if not index.isdigit() or int(index) >= len(params):
+                raise ValueError(f"optimizer state {key!r} names parameter {index}, but this "
+                                 f"optimizer has {len(params)} parameters")
             p = params[int(index)]
             if tuple(value.shape) != p.shape:
                 raise ValueError(f"optimizer state {key} has shape {tuple(value.shape)}, "
@@ -80,6 +83,8 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0) -> None:
+        if momentum < 0:
+            raise ValueError(f"momentum must be >= 0, got {momentum}")
         if nesterov and momentum <= 0:
             raise ValueError("nesterov momentum needs momentum > 0")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov,
@@ -114,6 +119,8 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self._scratch: dict[int, Any] = {}
 
@@ -177,6 +184,8 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
 
     Returns the norm before clipping (nan/inf if a gradient is not finite).
     """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
     grads = [p for p in params if p.grad is not None]
     total = math.sqrt(sum(float((p.grad * p.grad).sum()) for p in grads))
     scale = max_norm / (total + 1e-6)
