@@ -48,15 +48,21 @@ def measure(model: GPT, total: int, batch: int, n_decode: int, use_cache: bool) 
             "decode_tok_s": batch / step_s}
 
 
-# --- PyTorch comparison: a place kept for later ----------------------------------------------
+# --- PyTorch comparison -------------------------------------------------------------------------
 
 
 def torch_decode_speed(config: dict, total: int, batch: int, n_decode: int) -> dict | None:
-    """TODO(pytorch): the same measurement with a PyTorch GPT of the same config (e.g. a
-    nanoGPT-style model with a KV cache, under torch.no_grad()), returning a dict with
-    the keys of `measure` for the cached path. torch is not a dependency of this project,
-    so this returns None until someone fills it in; the table then shows no torch column."""
-    return None
+    """The same cached measurement with bench/torch_gpt.py's PyTorch GPT (same config, a
+    preallocated KV cache, greedy, torch.no_grad()), or None when torch is not installed
+    (it is an optional bench dependency: pip install torch)."""
+    try:
+        from bench.torch_gpt import torch_decode_timing
+    except ImportError:
+        return None
+    import os
+    t = torch_decode_timing(config, batch, total - n_decode, n_decode, threads=os.cpu_count() or 1)
+    return {"prefill_tok_s": batch * (total - n_decode) / t["prefill_s"],
+            "ms_per_step": 1000 * t["decode_s"] / (n_decode - 1), "decode_tok_s": t["decode_tokens_per_s"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +103,11 @@ def main() -> int:
                   f"{cached['decode_tok_s']:>8,.0f} | {uncached['ms_per_step']:>16.2f} {uncached['decode_tok_s']:>8,.0f} | "
                   f"{row['speedup']:>12.1f}x", flush=True)
             if row["torch"] is not None:
-                print(f"{'':>12} torch: {row['torch']['ms_per_step']:.2f} ms/step")
+                t = row["torch"]
+                row["cached_vs_torch"] = t["ms_per_step"] / cached["ms_per_step"]
+                print(f"{'':>6} {'torch':>5} | {t['prefill_tok_s']:>13,.0f} | {t['ms_per_step']:>14.2f} "
+                      f"{t['decode_tok_s']:>8,.0f} | tinygrad_lite / PyTorch cached decode tok/s: "
+                      f"{row['cached_vs_torch']:.2f}", flush=True)
 
     result = {"config": CONFIG, "device": backend.default_device(), "decode_tokens": args.decode_tokens,
               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "rows": rows}

@@ -250,3 +250,22 @@ def test_parallel_rows_on_a_big_array_matches_one_call():
     out = np.empty_like(x)
     backend.parallel_rows(lambda a, o: np.multiply(a, 2, out=o), x, out)
     np.testing.assert_array_equal(out, x * 2)
+
+
+def test_threaded_packed_attention_matches_the_composed_one():
+    """A batch big enough to be split across threads gives the same values and grads."""
+    import tinygrad_lite.functional as F
+    from tinygrad_lite import composed
+    x = np.random.default_rng(3).standard_normal((5, 64, 3 * 72)).astype(np.float32)  # odd batch
+    assert x.size >= backend.PARALLEL_MIN_SIZE
+    results = []
+    for fn in (lambda t: F.causal_self_attention(t, 4), lambda t: composed.causal_self_attention(t, 4)):
+        t = Tensor(x, requires_grad=True)
+        y = fn(t)
+        (y * y).sum().backward()
+        results.append((y.numpy(), backend.to_numpy(t.grad)))
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-4)
+    blocks = backend.row_blocks(x)
+    assert len(blocks) == min(backend.THREADS, 5)
+    assert sum(len(range(5)[b]) for b in blocks) == 5

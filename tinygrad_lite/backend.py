@@ -207,23 +207,36 @@ THREADS = max(1, int(os.environ.get("TINYGRAD_LITE_THREADS", "0") or 0) or min(o
 PARALLEL_MIN_SIZE = 1 << 16  # below this many elements, threads cost more than they save
 
 
-def parallel_rows(kernel, *arrays) -> None:
-    """kernel(*blocks) on row blocks of `arrays` (all with the same first axis), in threads.
+def row_blocks(array) -> list:
+    """How parallel_rows splits `array`'s first axis: a list of slices (one for CuPy,
+    for small arrays, or with one thread)."""
+    rows = array.shape[0]
+    if THREADS == 1 or not isinstance(array, numpy.ndarray) or array.size < PARALLEL_MIN_SIZE or rows < 2:
+        return [slice(None)]
+    step = -(-rows // THREADS)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def parallel_rows(kernel, *arrays, blocks=None, extras=None) -> list:
+    """kernel(*row blocks of `arrays`) for each block, on the thread pool.
 
     The kernel writes its results into output arrays passed among `arrays` (out=), so
-    each thread touches its own rows only. CuPy and small arrays run in one call.
+    each thread touches its own rows only; whatever it returns comes back as a list in
+    block order. `blocks` (default: row_blocks(arrays[0])) fixes the split, and
+    `extras` gives block i its own extra last argument (e.g. what an earlier call on
+    the same blocks returned).
     """
     global _pool
-    rows = arrays[0].shape[0]
-    if THREADS == 1 or not isinstance(arrays[0], numpy.ndarray) or arrays[0].size < PARALLEL_MIN_SIZE:
-        kernel(*arrays)
-        return
+    blocks = row_blocks(arrays[0]) if blocks is None else blocks
+
+    def run(i: int):
+        views = [a[blocks[i]] for a in arrays]
+        return kernel(*views) if extras is None else kernel(*views, extras[i])
+    if len(blocks) == 1:
+        return [run(0)]
     if _pool is None:
         from concurrent.futures import ThreadPoolExecutor
         _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="tinygrad_lite")
-    step = -(-rows // THREADS)
-    futures = [_pool.submit(kernel, *(a[start:start + step] for a in arrays))
-               for start in range(step, rows, step)]
-    kernel(*(a[:step] for a in arrays))  # the calling thread does the first block
-    for f in futures:
-        f.result()
+    futures = [_pool.submit(run, i) for i in range(1, len(blocks))]
+    first = run(0)  # the calling thread does the first block
+    return [first] + [f.result() for f in futures]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import device_of, rand, xp_of
+from .backend import device_of, parallel_rows, rand, row_blocks, xp_of
 from .tensor import Function
 
 
@@ -83,24 +83,40 @@ class Attention(Function):
 
 
 class PackedAttention(Function):
-    """Causal multi-head attention straight from packed qkv (B, T, 3C) to y (B, T, C)."""
+    """Causal multi-head attention straight from packed qkv (B, T, 3C) to y (B, T, C).
+
+    Sequences of a batch are independent, so without dropout the batch is split into
+    blocks that run on all CPU cores.
+    """
 
     def forward(self, qkv, n_head, dropout_p=0.0):
         B, T, C3 = qkv.shape
         if C3 % (3 * n_head):
             raise ValueError(f"packed qkv of width {C3} does not split into 3 x {n_head} heads")
         hs = C3 // (3 * n_head)
-        heads = qkv.reshape(B, T, 3, n_head, hs)  # a view
-        q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # 3 x (B, nh, T, hs) views
-        y, self.saved = attention_forward(q, k, v, True, dropout_p)
-        self.shape = (B, T, n_head, hs)
-        return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3)  # heads side by side again
+        out = xp_of(qkv).empty((B, T, C3 // 3), dtype=qkv.dtype)
+
+        def block(qkv, out):
+            b = qkv.shape[0]
+            heads = qkv.reshape(b, T, 3, n_head, hs)  # a view
+            q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # 3 x (b, nh, T, hs) views
+            y, saved = attention_forward(q, k, v, True, dropout_p)
+            out[...] = y.transpose(0, 2, 1, 3).reshape(b, T, C3 // 3)  # heads side by side again
+            return saved
+        # NOTE: dropout draws random numbers, which must come in one order to be reproducible
+        self.blocks = row_blocks(qkv) if dropout_p == 0 else [slice(None)]
+        self.saved = parallel_rows(block, qkv, out, blocks=self.blocks)
+        self.shape = (T, n_head, hs)
+        return out
 
     # the same backward; only the head split/merge is undone by views
     def backward(self, grad):
-        B, T, nh, hs = self.shape
-        g = grad.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)  # (B, nh, T, hs) view
-        dqkv = xp_of(grad).empty((B, T, 3, nh, hs), dtype=grad.dtype)
-        for i, d in enumerate(attention_backward(g, self.saved)):
-            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
-        return (dqkv.reshape(B, T, 3 * nh * hs),)
+        T, nh, hs = self.shape
+        dqkv = xp_of(grad).empty((grad.shape[0], T, 3, nh, hs), dtype=grad.dtype)
+
+        def block(grad, dqkv, saved):
+            g = grad.reshape(grad.shape[0], T, nh, hs).transpose(0, 2, 1, 3)  # (b, nh, T, hs) view
+            for i, d in enumerate(attention_backward(g, saved)):
+                dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
+        parallel_rows(block, grad, dqkv, blocks=self.blocks, extras=self.saved)
+        return (dqkv.reshape(grad.shape[0], T, 3 * nh * hs),)
