@@ -17,19 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from model.cli import OneLineParser, UserError, is_user_error, print_error
+
 SEPARATOR = "\n---------------\n"  # between samples, as nanoGPT's sample.py
-
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (not usage + message) and exit code 2."""
-
-    def error(self, message: str) -> None:
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -193,12 +183,9 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except Exception as e:
-        from model.checkpoint import CheckpointError
-        # OSError: e.g. a file that cannot be written or read
-        if args.debug or not isinstance(e, (UserError, CheckpointError, ValueError, RuntimeError, OSError)):
+        if not is_user_error(e, args.debug):
             raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
-        return 2
+        return print_error(e)
 
 
 if __name__ == "__main__":

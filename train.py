@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from model.cli import OneLineParser, UserError, is_user_error, print_error
 
 # --- presets: nanoGPT's configs for tiny Shakespeare, character level --------------------
 PRESETS = {
@@ -37,18 +38,6 @@ PRESETS = {
 }
 DEFAULT_PRESET = "shakespeare-char-cpu"
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "pos", "bias")
-
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line on stderr, exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (not usage + message) and exit code 2."""
-
-    def error(self, message: str) -> None:
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -361,14 +350,9 @@ def main(argv=None) -> int:
         print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
         return 130
     except Exception as e:
-        from model.checkpoint import CheckpointError
-        from model.data import DataError
-        # OSError: e.g. an --out-dir inside a file, a full disk, no permission
-        if args.debug or not isinstance(e, (UserError, DataError, CheckpointError, ValueError, RuntimeError,
-                                            OSError)):
+        if not is_user_error(e, args.debug):
             raise
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, always
-        return 2
+        return print_error(e)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""What train.py and sample.py share about talking to a user on the command line:
+a bad flag or a bad input is one line on stderr and exit code 2, never a traceback
+(unless --debug)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line on stderr, exit code 2."""
+
+
+# What a user can cause: our own errors, and the ValueErrors (DataError, CheckpointError,
+# TokenizerUnavailableError ...), RuntimeErrors and OSErrors (unwritable dir, full disk)
+# that the library raises with a message meant for them. Anything else is a bug: traceback.
+USER_ERRORS = (UserError, ValueError, RuntimeError, OSError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (not usage + message) and exit code 2."""
+
+    def error(self, message: str) -> None:
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def is_user_error(error: BaseException, debug: bool) -> bool:
+    """True when `error` should be shown as one line (not re-raised with its traceback)."""
+    return not debug and isinstance(error, USER_ERRORS)
+
+
+def print_error(error: BaseException) -> int:
+    """Print the one line and return the exit code."""
+    print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, always
+    return 2
