@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -22,6 +23,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TINYGRAD_LITE_THREADS")
+if "--threads" in sys.argv[:-1] and os.environ.get("DECODE_SPEED_THREADS") is None:
+    # BLAS reads its thread count when NumPy/torch load: set it, then start again
+    n = sys.argv[sys.argv.index("--threads") + 1]
+    os.environ.update({name: n for name in THREAD_VARS}, DECODE_SPEED_THREADS=n)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import tinygrad_lite  # noqa: E402
 from tinygrad_lite import backend  # noqa: E402
@@ -60,7 +67,8 @@ def torch_decode_speed(config: dict, total: int, batch: int, n_decode: int) -> d
     except ImportError:
         return None
     import os
-    t = torch_decode_timing(config, batch, total - n_decode, n_decode, threads=os.cpu_count() or 1)
+    threads = int(os.environ.get("DECODE_SPEED_THREADS") or os.cpu_count() or 1)
+    t = torch_decode_timing(config, batch, total - n_decode, n_decode, threads=threads)
     return {"prefill_tok_s": batch * (total - n_decode) / t["prefill_s"],
             "ms_per_step": 1000 * t["decode_s"] / (n_decode - 1), "decode_tok_s": t["decode_tokens_per_s"]}
 
@@ -74,6 +82,7 @@ def main() -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024], help="total tokens")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per measurement")
+    p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of both frameworks (default: all)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode_speed.json"))
     args = p.parse_args()
     if args.device:
@@ -110,6 +119,7 @@ def main() -> int:
                       f"{row['cached_vs_torch']:.2f}", flush=True)
 
     result = {"config": CONFIG, "device": backend.default_device(), "decode_tokens": args.decode_tokens,
+              "threads": os.environ.get("DECODE_SPEED_THREADS", "all"),
               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

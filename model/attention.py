@@ -56,9 +56,10 @@ class CausalSelfAttention(nn.Module):
         hs = C // self.n_head
         qkv = self.c_attn(x)  # (B, T, 3C)
         dropout = self.dropout if self.training else 0.0
-        if self.rope is None and cache is None and not self.keep_weights:
-            # training fast path: split heads, attend, merge heads in one fused op
-            return self.resid_dropout(self.c_proj(F.causal_self_attention(qkv, self.n_head, dropout)))
+        if self.rope is None and not self.keep_weights:
+            # fast path: split heads, (append to the KV cache,) attend, merge heads: one fused op
+            kv = cache.buffers(layer, start_pos, T) if cache is not None else None
+            return self.resid_dropout(self.c_proj(F.causal_self_attention(qkv, self.n_head, dropout, kv)))
         q, k, v = qkv.split(3, axis=2)  # 3 x (B, T, C)
         q = q.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)

@@ -27,16 +27,21 @@ class KVCache:
         """Forget everything (the buffers are reused, not reallocated)."""
         self.pos = 0
 
-    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, nh, T, hs) at start_pos; return all keys/values so far (B, nh, start_pos+T, hs)."""
-        T = k.shape[2]
+    def buffers(self, layer: int, start_pos: int, T: int) -> tuple:
+        """(k_buffer, v_buffer, start_pos) for an op that writes T positions at start_pos itself."""
         end = start_pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
         if start_pos > self.pos:
             raise ValueError(f"KV cache has {self.pos} positions; cannot write at {start_pos}")
-        self.k[layer][:, :, start_pos:end] = k.data
-        self.v[layer][:, :, start_pos:end] = v.data
         if layer == len(self.k) - 1:
             self.pos = end
-        return Tensor(self.k[layer][:, :, :end]), Tensor(self.v[layer][:, :, :end])
+        return self.k[layer], self.v[layer], start_pos
+
+    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, nh, T, hs) at start_pos; return all keys/values so far (B, nh, start_pos+T, hs)."""
+        k_buf, v_buf, _ = self.buffers(layer, start_pos, k.shape[2])
+        end = start_pos + k.shape[2]
+        k_buf[:, :, start_pos:end] = k.data
+        v_buf[:, :, start_pos:end] = v.data
+        return Tensor(k_buf[:, :, :end]), Tensor(v_buf[:, :, :end])

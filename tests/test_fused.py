@@ -139,6 +139,22 @@ def test_packed_causal_self_attention(data):
                                  lambda t: C.causal_self_attention(t, H), [qkv])
 
 
+def test_packed_attention_with_a_kv_cache_equals_the_whole_sequence():
+    """Prefill 3 positions, then decode 1 and 2 more through the cache: the same outputs as
+    attending over all 6 at once; a cached call has no backward."""
+    B, T, H, D = 2, 6, 2, 3
+    qkv = np.random.default_rng(5).standard_normal((B, T, 3 * H * D))
+    whole = F.causal_self_attention(Tensor(qkv), H).numpy()
+    xp = Tensor(qkv).xp
+    k_buf, v_buf = xp.zeros((B, H, 8, D)), xp.zeros((B, H, 8, D))
+    pieces = [F.causal_self_attention(Tensor(qkv[:, a:b]), H, cache=(k_buf, v_buf, a)).numpy()
+              for a, b in ((0, 3), (3, 4), (4, 6))]
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), whole, rtol=1e-12, atol=1e-12)
+    t = Tensor(qkv[:, :2], requires_grad=True)
+    with pytest.raises(RuntimeError, match="no backward through KV-cached attention"):
+        F.causal_self_attention(t, H, cache=(k_buf, v_buf, 0)).sum().backward()
+
+
 # --- numerical stability: NumPy float64 references ---------------------------------------------
 
 

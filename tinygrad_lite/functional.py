@@ -65,7 +65,11 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     return fused.Attention.apply(q, k, v, causal=causal, dropout_p=dropout_p)
 
 
-def causal_self_attention(qkv: Tensor, n_head: int, dropout_p: float = 0.0) -> Tensor:
+def causal_self_attention(qkv: Tensor, n_head: int, dropout_p: float = 0.0, cache=None) -> Tensor:
     """Multi-head causal attention from packed qkv (B, T, 3C) (q, k, v side by side, each
-    C = n_head * head_size wide, as c_attn makes them) to (B, T, C), heads merged."""
-    return fused.PackedAttention.apply(qkv, n_head=n_head, dropout_p=dropout_p)
+    C = n_head * head_size wide, as c_attn makes them) to (B, T, C), heads merged.
+
+    cache=(k_buffer, v_buffer, start_pos): append this step's keys/values to a KV cache's
+    buffers (B, nh, max_len, hs) at start_pos and attend to all of them (inference only).
+    """
+    return fused.PackedAttention.apply(qkv, n_head=n_head, dropout_p=dropout_p, cache=cache)

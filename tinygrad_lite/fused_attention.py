@@ -86,31 +86,47 @@ class PackedAttention(Function):
     """Causal multi-head attention straight from packed qkv (B, T, 3C) to y (B, T, C).
 
     Sequences of a batch are independent, so without dropout the batch is split into
-    blocks that run on all CPU cores.
+    blocks that run on all CPU cores. With `cache=(k_buffer, v_buffer, start_pos)`
+    (buffers (B, nh, max_len, hs), see model/kv_cache.py) this step's keys and values
+    are written at start_pos and the queries attend to everything cached so far: the
+    decode path, in one op. A cached call is for inference: it has no backward.
     """
 
-    def forward(self, qkv, n_head, dropout_p=0.0):
+    def forward(self, qkv, n_head, dropout_p=0.0, cache=None):
         B, T, C3 = qkv.shape
         if C3 % (3 * n_head):
             raise ValueError(f"packed qkv of width {C3} does not split into 3 x {n_head} heads")
         hs = C3 // (3 * n_head)
         out = xp_of(qkv).empty((B, T, C3 // 3), dtype=qkv.dtype)
+        start = end = 0
+        if cache is not None:
+            start = cache[2]
+            end = start + T
 
-        def block(qkv, out):
+        def block(qkv, out, *kv_buffers):
             b = qkv.shape[0]
             heads = qkv.reshape(b, T, 3, n_head, hs)  # a view
             q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # 3 x (b, nh, T, hs) views
+            if kv_buffers:  # append to the cache, then attend to all of it
+                k_buf, v_buf = kv_buffers
+                k_buf[:, :, start:end] = k
+                v_buf[:, :, start:end] = v
+                k, v = k_buf[:, :, :end], v_buf[:, :, :end]  # (b, nh, end, hs)
             y, saved = attention_forward(q, k, v, True, dropout_p)
             out[...] = y.transpose(0, 2, 1, 3).reshape(b, T, C3 // 3)  # heads side by side again
             return saved
         # NOTE: dropout draws random numbers, which must come in one order to be reproducible
         self.blocks = row_blocks(qkv) if dropout_p == 0 else [slice(None)]
-        self.saved = parallel_rows(block, qkv, out, blocks=self.blocks)
-        self.shape = (T, n_head, hs)
+        buffers = () if cache is None else cache[:2]
+        self.saved = parallel_rows(block, qkv, out, *buffers, blocks=self.blocks)
+        self.shape, self.cached = (T, n_head, hs), cache is not None
         return out
 
     # the same backward; only the head split/merge is undone by views
     def backward(self, grad):
+        if self.cached:
+            raise RuntimeError("no backward through KV-cached attention: the cache is for "
+                               "generation, which runs under no_grad")
         T, nh, hs = self.shape
         dqkv = xp_of(grad).empty((grad.shape[0], T, 3, nh, hs), dtype=grad.dtype)
 

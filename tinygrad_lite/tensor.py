@@ -62,20 +62,26 @@ class Function:
     @classmethod
     def apply(cls, *inputs: Any, **options: Any) -> "Tensor":
         """Run forward on the inputs' arrays; record the op if any input needs a gradient."""
-        device = None
-        for x in inputs:
-            if isinstance(x, Tensor):
-                if device is None:
-                    device = x.device
-                elif x.device != device:
-                    raise RuntimeError(f"{cls.__name__}: inputs are on different devices "
-                                       f"({device} and {x.device}); move them with .to(device)")
         ctx = cls()
-        ctx.needs_grad = tuple(isinstance(x, Tensor) and x.requires_grad for x in inputs)
-        out = ctx.forward(*(x.data if isinstance(x, Tensor) else x for x in inputs), **options)
+        arrays, needs_grad, device = [], [], None
+        for x in inputs:  # one pass: unwrap tensors, note who wants a gradient, check devices
+            if isinstance(x, Tensor):
+                x_device = x.device
+                if device is None:
+                    device = x_device
+                elif x_device != device:
+                    raise RuntimeError(f"{cls.__name__}: inputs are on different devices "
+                                       f"({device} and {x_device}); move them with .to(device)")
+                arrays.append(x.data)
+                needs_grad.append(x.requires_grad)
+            else:
+                arrays.append(x)
+                needs_grad.append(False)
+        ctx.needs_grad = needs_grad
+        out = ctx.forward(*arrays, **options)
         if isinstance(out, backend.numpy.generic):  # NumPy reductions return scalars
             out = backend.numpy.asarray(out)
-        requires_grad = _grad_enabled and any(ctx.needs_grad)
+        requires_grad = _grad_enabled and any(needs_grad)
         result = Tensor._from_array(out, requires_grad)
         if requires_grad:
             ctx.inputs = inputs
