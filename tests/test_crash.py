@@ -42,6 +42,7 @@ def test_sigkill_at_random_moments_never_loses_the_checkpoint(tmp_path):
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, err.decode()
+    print(f"survived {kills} SIGKILLs; checkpoints seen at iterations {iters_seen}")
     assert kills >= 5, f"only {kills} kills landed"
     state, meta, optimizer = load_checkpoint(out)
     assert meta["iter_num"] == MAX_ITERS and optimizer["step"] == MAX_ITERS
