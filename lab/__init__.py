@@ -1,0 +1,1 @@
+"""Experiments that probe the ideas behind large language models with small GPTs (see lab/common.py)."""
