@@ -128,7 +128,7 @@ def accuracy_by_depth(model, task: Task, n_facts: int, per_depth: int, seed: int
     for d in range(n_facts):
         x, y = task.sequences(rng, per_depth, n_facts, first_asks=np.full(per_depth, d))
         logits, _ = model(x[:, :key + VALUE_LEN])  # (n, key + VL, V)
-        guess = logits.data[:, key:].argmax(axis=-1)  # (n, VL) teacher-forced argmax of each value letter
+        guess = logits.numpy()[:, key:].argmax(axis=-1)  # (n, VL) teacher-forced argmax, on the host
         acc[d] = float(np.mean((guess == y[:, key:key + VALUE_LEN]).all(axis=1)))
     return acc
 
