@@ -55,6 +55,13 @@ def measure(model: GPT, total: int, batch: int, n_decode: int, use_cache: bool) 
             "decode_tok_s": batch / step_s}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median ms_per_step, plus the min and max over all runs."""
+    ordered = sorted(runs, key=lambda r: r["ms_per_step"])
+    return {**ordered[len(ordered) // 2], "ms_per_step_min": ordered[0]["ms_per_step"],
+            "ms_per_step_max": ordered[-1]["ms_per_step"], "runs": len(runs)}
+
+
 # --- PyTorch comparison -------------------------------------------------------------------------
 
 
@@ -83,6 +90,8 @@ def main() -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded per measurement")
     p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of both frameworks (default: all)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="cached runs of each framework, alternating; the median is reported (min-max kept)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode_speed.json"))
     args = p.parse_args()
     if args.device:
@@ -102,19 +111,30 @@ def main() -> int:
     print("-" * len(header))
     for total in args.lengths:
         for batch in args.batches:
-            cached = measure(model, total, batch, args.decode_tokens, use_cache=True)
+            # the cached runs of both frameworks alternate (order flipped each repeat), so a
+            # background load that comes and goes hits both alike; the median run is reported
+            ours_runs, torch_runs = [], []
+            for r in range(args.repeats):
+                for who in (("ours", "torch") if r % 2 == 0 else ("torch", "ours")):
+                    if who == "ours":
+                        ours_runs.append(measure(model, total, batch, args.decode_tokens, use_cache=True))
+                    else:
+                        torch_runs.append(torch_decode_speed(CONFIG, total, batch, args.decode_tokens))
+            cached = median_run(ours_runs)
             uncached = measure(model, total, batch, args.decode_tokens, use_cache=False)
             row = {"total_tokens": total, "batch": batch, "cached": cached, "uncached": uncached,
                    "speedup": uncached["ms_per_step"] / cached["ms_per_step"],
-                   "torch": torch_decode_speed(CONFIG, total, batch, args.decode_tokens)}
+                   "torch": median_run(torch_runs) if None not in torch_runs else None}
             rows.append(row)
-            print(f"{total:>6} {batch:>5} | {cached['prefill_tok_s']:>13,.0f} | {cached['ms_per_step']:>14.2f} "
+            print(f"{total:>6} {batch:>5} | {cached['prefill_tok_s']:>13,.0f} | {cached['ms_per_step']:>5.2f} "
+                  f"({cached['ms_per_step_min']:.2f}-{cached['ms_per_step_max']:.2f}) "
                   f"{cached['decode_tok_s']:>8,.0f} | {uncached['ms_per_step']:>16.2f} {uncached['decode_tok_s']:>8,.0f} | "
                   f"{row['speedup']:>12.1f}x", flush=True)
             if row["torch"] is not None:
                 t = row["torch"]
                 row["cached_vs_torch"] = t["ms_per_step"] / cached["ms_per_step"]
-                print(f"{'':>6} {'torch':>5} | {t['prefill_tok_s']:>13,.0f} | {t['ms_per_step']:>14.2f} "
+                print(f"{'':>6} {'torch':>5} | {t['prefill_tok_s']:>13,.0f} | {t['ms_per_step']:>5.2f} "
+                      f"({t['ms_per_step_min']:.2f}-{t['ms_per_step_max']:.2f}) "
                       f"{t['decode_tok_s']:>8,.0f} | tinygrad_lite / PyTorch cached decode tok/s: "
                       f"{row['cached_vs_torch']:.2f}", flush=True)
 
