@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import backend
 from .backend import xp_of, scatter_add
 from .tensor import Function
 
@@ -329,8 +330,46 @@ def _has_array(index: Any) -> bool:
     return any(hasattr(i, "shape") or isinstance(i, list) for i in items)
 
 
+def check_index_bounds(index: Any, shape: tuple) -> None:
+    """IndexError for an integer (or integer-array) index outside its axis.
+
+    NumPy raises for these, but CuPy wraps an out-of-range integer array around
+    silently (index 5 of 3 rows reads row 2), so the engine checks them itself, as
+    embedding and cross_entropy check token ids. Negative indices count from the end.
+    """
+    items = index if isinstance(index, tuple) else (index,)
+
+    def width(item: Any) -> int:  # how many axes of the input an index item consumes
+        if item is None:
+            return 0
+        if getattr(item, "dtype", None) is not None and item.dtype.kind == "b":
+            return item.ndim  # a boolean mask covers as many axes as it has dimensions
+        return 1
+
+    named = sum(width(i) for i in items if i is not Ellipsis)
+    axis = 0
+    for item in items:
+        if item is Ellipsis:
+            axis += max(len(shape) - named, 0)
+            continue
+        if isinstance(item, list):
+            item = backend.numpy.asarray(item)  # a Python list of ints: host data, not tensor data
+        is_int = isinstance(item, int) and not isinstance(item, bool)
+        is_int_array = getattr(item, "dtype", None) is not None and item.dtype.kind in "iu"
+        if (is_int or is_int_array) and axis < len(shape):
+            n = shape[axis]
+            low, high = (item, item) if is_int else (
+                (int(item.min()), int(item.max())) if item.size else (0, -1))
+            if low < -n or high >= n:
+                bad = low if low < -n else high
+                raise IndexError(f"index {bad} is out of range for axis {axis} with size {n} "
+                                 f"(valid: {-n}..{n - 1})")
+        axis += width(item)
+
+
 class GetItem(Function):
     def forward(self, a, index):
+        check_index_bounds(index, tuple(a.shape))
         self.in_shape, self.dtype, self.index = tuple(a.shape), a.dtype, index
         return a[index]
 
