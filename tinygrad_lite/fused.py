@@ -30,18 +30,23 @@ def _gelu_forward(x, t, out):
     out *= 0.5
 
 
-def _gelu_backward(x, t, grad, d):
-    """d = grad * gelu'(x), given t from the forward: in place, one block of rows."""
+def _gelu_backward(x, t, y, grad, d):
+    """d = grad * gelu'(x), given t and the output y from the forward: in place, one block.
+
+    gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) P with P = c (1 + 3 * 0.044715 x^2); since
+    y = 0.5 x (1 + t), the second term is Q (1 - t) with Q = y P, so
+    gelu'(x) = 0.5 + Q + t (0.5 - Q): nine passes over memory instead of eleven.
+    """
     xp = xp_of(x)
     xp.multiply(x, x, out=d)
     d *= 3 * 0.044715 * GELU_C
-    d += GELU_C  # c (1 + 3 * 0.044715 x^2)
-    d *= x
-    d *= 1 - t * t
-    d += t
-    d += 1
+    d += GELU_C  # P
+    d *= y  # Q
+    tmp = xp.subtract(0.5, d)
+    tmp *= t
+    d += tmp
+    d += 0.5
     d *= grad
-    d *= 0.5
 
 
 class GELU(Function):
@@ -57,15 +62,16 @@ class GELU(Function):
         x = xp.ascontiguousarray(x).reshape(x.shape)  # (ascontiguousarray makes 0-d into 1-d)
         t, out = xp.empty_like(x), xp.empty_like(x)
         parallel_rows(_gelu_forward, x.reshape(-1), t.reshape(-1), out.reshape(-1))
-        self.x, self.t = x, t
+        self.x, self.t, self.out = x, t, out
         return out
 
-    # d/dx gelu: 0.5 (1 + t + x (1 - t^2) c (1 + 3 * 0.044715 x^2))
+    # d/dx gelu: 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)  (see _gelu_backward)
     def backward(self, grad):
         xp = xp_of(grad)
         grad = xp.ascontiguousarray(grad).reshape(grad.shape)
         d = xp.empty_like(self.x)
-        parallel_rows(_gelu_backward, self.x.reshape(-1), self.t.reshape(-1), grad.reshape(-1), d.reshape(-1))
+        parallel_rows(_gelu_backward, self.x.reshape(-1), self.t.reshape(-1), self.out.reshape(-1),
+                      grad.reshape(-1), d.reshape(-1))
         return (d,)
 
 
