@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import tinygrad_lite  # noqa: F401  (before NumPy: it sets OpenBLAS's thread spin)
 import numpy as np
 
 from model.cli import OneLineParser, UserError, is_user_error, print_error
