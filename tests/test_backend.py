@@ -269,3 +269,18 @@ def test_threaded_packed_attention_matches_the_composed_one():
     blocks = backend.row_blocks(x)
     assert len(blocks) == min(backend.THREADS, 5)
     assert sum(len(range(5)[b]) for b in blocks) == 5
+
+
+def test_import_asks_openblas_for_a_short_worker_spin():
+    """tinygrad_lite sets OPENBLAS_THREAD_TIMEOUT (unless the user did), for BLAS loaded after it."""
+    code = ("import os; os.environ.pop('OPENBLAS_THREAD_TIMEOUT', None); import tinygrad_lite; "
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "10"
+    env["OPENBLAS_THREAD_TIMEOUT"] = "20"
+    done = subprocess.run([sys.executable, "-c", "import os, tinygrad_lite; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"],
+                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "20"  # the user's choice wins
