@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import tinygrad_lite  # noqa: F401  (before NumPy: it sets OpenBLAS's thread spin)
-from model.cli import OneLineParser, UserError, is_user_error, print_error
+from model.cli import OneLineParser, UserError, report
 
 SEPARATOR = "\n---------------\n"  # between samples, as nanoGPT's sample.py
 
@@ -184,9 +184,7 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
     except Exception as e:
-        if not is_user_error(e, args.debug):
-            raise
-        return print_error(e)
+        return report(e, args.debug)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import tinygrad_lite  # noqa: F401  (before NumPy: it sets OpenBLAS's thread spin)
 import numpy as np
 
-from model.cli import OneLineParser, UserError, is_user_error, print_error
+from model.cli import OneLineParser, UserError, report
 
 # --- presets: nanoGPT's configs for tiny Shakespeare, character level --------------------
 PRESETS = {
@@ -351,9 +351,7 @@ def main(argv=None) -> int:
         print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
         return 130
     except Exception as e:
-        if not is_user_error(e, args.debug):
-            raise
-        return print_error(e)
+        return report(e, args.debug)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,10 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def is_user_error(error: BaseException, debug: bool) -> bool:
-    """True when `error` should be shown as one line (not re-raised with its traceback)."""
-    return not debug and isinstance(error, USER_ERRORS)
-
-
-def print_error(error: BaseException) -> int:
-    """Print the one line and return the exit code."""
+def report(error: Exception, debug: bool) -> int:
+    """Print a user's error as one line and return exit code 2; re-raise anything else
+    (a bug), or everything under --debug, with its traceback."""
+    if debug or not isinstance(error, USER_ERRORS):
+        raise error
     print("error: " + " ".join(str(error).split()), file=sys.stderr)  # one line, always
     return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import parallel_rows, rand, scatter_add, xp_of
+from .backend import device_of, parallel_rows, rand, scatter_add, xp_of
 from .tensor import Function
 
 # --- activations -----------------------------------------------------------------------
@@ -266,7 +266,6 @@ class Dropout(Function):
     """Zero each element with probability p, scale the rest by 1/(1-p) (inverted dropout)."""
 
     def forward(self, x, p):
-        from .backend import device_of
         self.mask = (rand(x.shape, device_of(x), x.dtype) >= p) * x.dtype.type(1.0 / (1.0 - p))
         return x * self.mask
 

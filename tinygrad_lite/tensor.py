@@ -225,9 +225,7 @@ class Tensor:
     def __neg__(self): return ops.Neg.apply(self)
     def __matmul__(self, other): return ops.MatMul.apply(self, _lift(other, self, as_tensor=True))
     def __rmatmul__(self, other): return ops.MatMul.apply(_lift(other, self, as_tensor=True), self)
-    def __getitem__(self, index):
-        index = _index_data(index)
-        return ops.GetItem.apply(self, index=index)
+    def __getitem__(self, index): return ops.GetItem.apply(self, index=_index_data(index))
 
     # comparisons give plain boolean tensors (no gradient), as in PyTorch
     def __lt__(self, other): return Tensor._from_array(self.data < _data(other))
