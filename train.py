@@ -121,7 +121,7 @@ def load_training_text(cfg: dict) -> str:
     return load_text(cfg["data"] if cfg.get("data") else shakespeare_path())
 
 
-def estimate_loss(model, splits: dict, cfg: dict, iter_num: int) -> dict:
+def estimate_loss(model, parallel, splits: dict, cfg: dict, iter_num: int) -> dict:
     """Mean loss over eval_iters batches of each split. Its own RNG, seeded by the
     iteration, so evaluating never changes the training batches (exact resume)."""
     from model.data import get_batch
@@ -131,7 +131,7 @@ def estimate_loss(model, splits: dict, cfg: dict, iter_num: int) -> dict:
     with no_grad():
         for name, data in splits.items():
             rng = np.random.default_rng([cfg["seed"], iter_num, len(name)])
-            losses = [model(*get_batch(data, cfg["batch_size"], cfg["block_size"], rng))[1].item()
+            losses = [parallel.loss(*get_batch(data, cfg["batch_size"], cfg["block_size"], rng))
                       for _ in range(cfg["eval_iters"])]
             out[name] = float(np.mean(losses))
     model.train()
@@ -190,6 +190,7 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
 
 def train(cfg: dict, args: argparse.Namespace) -> dict:
     from tinygrad_lite import backend, optim
+    from tinygrad_lite.parallel import DataParallel
     from model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
     from model.data import encode_dataset, get_batch
     from model.gpt import GPT, GPTConfig
@@ -235,6 +236,8 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
     model = GPT(config)
     optimizer = optim.AdamW(model.optimizer_groups(cfg["weight_decay"]), lr=cfg["lr"],
                             betas=(cfg["beta1"], cfg["beta2"]))
+    # each batch is split over the CPU cores, one shard per core (tinygrad_lite/parallel.py)
+    parallel = DataParallel(model)
     rng = np.random.default_rng(cfg["seed"])  # the training batches
     iter_num, best_val = 0, math.inf
     if checkpoint is not None:
@@ -266,7 +269,9 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
     peak_flops = measure_matmul_flops(cfg["device"])
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}", file=sys.stderr)
     print(f"data: {len(train_ids):,} train / {len(val_ids):,} val tokens, vocab {tokenizer.vocab_size}; "
-          f"{tokens_per_iter} tokens/iter; device {cfg['device']}; matmul peak {peak_flops / 1e9:.0f} GFLOP/s",
+          f"{tokens_per_iter} tokens/iter; device {cfg['device']}"
+          f"{f' ({parallel.shards} data-parallel shards)' if parallel.shards > 1 else ''}; "
+          f"matmul peak {peak_flops / 1e9:.0f} GFLOP/s",
           file=sys.stderr)
     progress = None
     if not args.no_progress and iter_num < cfg["max_iters"]:
@@ -276,7 +281,7 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
     losses, start, timed_tokens = None, time.perf_counter(), 0
     while True:
         if iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]:
-            losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, cfg, iter_num)
+            losses = estimate_loss(model, parallel, {"train": train_ids, "val": val_ids}, cfg, iter_num)
             best_val = min(best_val, losses["val"])
             log.write(json.dumps({"kind": "eval", "iter": iter_num, **losses}) + "\n")
             log.flush()
@@ -293,9 +298,8 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
         loss_sum = 0.0
         for _ in range(cfg["grad_accum"]):
             x, y = get_batch(train_ids, cfg["batch_size"], cfg["block_size"], rng)
-            _, loss = model(x, y)
-            (loss * (1.0 / cfg["grad_accum"])).backward()
-            loss_sum += loss.item() / cfg["grad_accum"]
+            # forward, loss, backward (on every shard); the gradients add up in .grad
+            loss_sum += parallel.forward_backward(x, y, scale=1.0 / cfg["grad_accum"]) / cfg["grad_accum"]
         grad_norm = optim.clip_grad_norm(model.parameters(), cfg["grad_clip"]) if cfg["grad_clip"] > 0 else \
             math.sqrt(sum(float((p.grad * p.grad).sum()) for p in model.parameters() if p.grad is not None))
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):

@@ -73,17 +73,17 @@ def tinygrad_setup(seed: int = SEED):
     """(model, step function) for tinygrad_lite; step(x, y) -> loss, as train.py's loop."""
     from model.gpt import GPT, GPTConfig
     from tinygrad_lite import backend, optim
+    from tinygrad_lite.parallel import DataParallel
     backend.set_default_device("cpu")
     backend.manual_seed(seed)
     model = GPT(GPTConfig(**model_config()))
     optimizer = optim.AdamW(model.optimizer_groups(PRESET["weight_decay"]), lr=PRESET["lr"],
                             betas=(PRESET["beta1"], PRESET["beta2"]))
     params = model.parameters()
+    parallel = DataParallel(model)  # the batch split over the cores, as train.py does
 
     def step(x: np.ndarray, y: np.ndarray) -> float:
-        _, loss = model(x, y)
-        loss.backward()
-        value = loss.item()
+        value = parallel.forward_backward(x, y)
         optim.clip_grad_norm(params, PRESET["grad_clip"])
         optimizer.step()
         optimizer.zero_grad()

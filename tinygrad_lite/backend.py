@@ -12,7 +12,9 @@ Pick the default device with the environment variable `TINYGRAD_LITE_DEVICE`
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Any
 
 import numpy
@@ -167,6 +169,8 @@ def manual_seed(seed: int) -> None:
 def generator(device: str):
     if device == "strict":
         device = "cpu"  # the strict wrapper draws on the host, then wraps
+    if device == "cpu" and getattr(_thread_state, "generator", None) is not None:
+        return _thread_state.generator  # this thread's own (see use_generator)
     if device not in _generators:
         _generators[device] = (numpy.random.default_rng() if device == "cpu"
                                else cupy.random.default_rng())
@@ -187,6 +191,18 @@ def rand(shape: tuple, device: str, dtype="float32"):
     return strict_array.StrictArray(out) if device == "strict" else out
 
 
+@contextlib.contextmanager
+def use_generator(seed: int):
+    """Inside: the CPU random numbers of *this thread* come from a generator of its own,
+    seeded with `seed`. Threads that draw at the same time (one data-parallel shard
+    each) then get the same numbers every run, whatever order they run in."""
+    previous, _thread_state.generator = getattr(_thread_state, "generator", None), numpy.random.default_rng(seed)
+    try:
+        yield
+    finally:
+        _thread_state.generator = previous
+
+
 def rng_state() -> dict:
     """The CPU generator's state as JSON-able data (saved in checkpoints for exact resume)."""
     return generator("cpu").bit_generator.state
@@ -203,15 +219,17 @@ def set_rng_state(state: dict) -> None:
 # blocks runs on several cores from a small thread pool (as PyTorch's CPU kernels do).
 
 _pool = None
+_thread_state = threading.local()  # per thread: serial kernels? its own random generator?
 THREADS = max(1, int(os.environ.get("TINYGRAD_LITE_THREADS", "0") or 0) or min(os.cpu_count() or 1, 8))
 PARALLEL_MIN_SIZE = 1 << 16  # below this many elements, threads cost more than they save
 
 
 def row_blocks(array) -> list:
     """How parallel_rows splits `array`'s first axis: a list of slices (one for CuPy,
-    for small arrays, or with one thread)."""
+    for small arrays, with one thread, or inside serial_kernels)."""
     rows = array.shape[0]
-    if THREADS == 1 or not isinstance(array, numpy.ndarray) or array.size < PARALLEL_MIN_SIZE or rows < 2:
+    if (THREADS == 1 or not isinstance(array, numpy.ndarray) or array.size < PARALLEL_MIN_SIZE or rows < 2
+            or getattr(_thread_state, "serial", False)):
         return [slice(None)]
     step = -(-rows // THREADS)
     return [slice(start, start + step) for start in range(0, rows, step)]
@@ -240,3 +258,39 @@ def parallel_rows(kernel, *arrays, blocks=None, extras=None) -> list:
     futures = [_pool.submit(run, i) for i in range(1, len(blocks))]
     first = run(0)  # the calling thread does the first block
     return [first] + [f.result() for f in futures]
+
+
+@contextlib.contextmanager
+def serial_kernels():
+    """Inside: parallel_rows runs each kernel in one call on the calling thread. For code
+    that already has a core to itself (one shard of a data-parallel step), where handing
+    blocks to the shared pool would only make the threads wait on each other."""
+    previous, _thread_state.serial = getattr(_thread_state, "serial", False), True
+    try:
+        yield
+    finally:
+        _thread_state.serial = previous
+
+
+_blas_controller = None
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Inside: BLAS (NumPy's matmul) uses at most `n` threads, process-wide.
+
+    Data-parallel shards each run their own matmuls on their own thread; a BLAS that
+    also split every matmul over all cores would fight them for the cores. The switch
+    goes through threadpoolctl (it knows how to find OpenBLAS, MKL and BLIS inside
+    NumPy); without it this does nothing.
+    """
+    global _blas_controller
+    try:
+        if _blas_controller is None:
+            import threadpoolctl
+            _blas_controller = threadpoolctl.ThreadpoolController()
+        limit = _blas_controller.limit(limits=n, user_api="blas")
+    except ImportError:
+        limit = contextlib.nullcontext()
+    with limit:
+        yield
