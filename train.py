@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the preset's, cpu if no CuPy)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="split each batch over this many CPU processes (default: one per core when a "
+                        "step is big enough to pay for them, else 1)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradient is NaN/Inf instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
@@ -100,6 +103,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
             raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
     if not cfg["weight_decay"] >= 0:
         raise UserError(f"--weight-decay must be >= 0, got {cfg['weight_decay']}")
+    if args.shards is not None and args.shards < 1:
+        raise UserError(f"--shards must be >= 1, got {args.shards}")
+    if args.shards is not None and args.shards > 1 and cfg["device"] != "cpu":
+        raise UserError(f"--shards {args.shards} splits batches over CPU processes; "
+                        f"on --device {cfg['device']} use --shards 1")
     return cfg
 
 
@@ -188,6 +196,16 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
 # --- the training run ----------------------------------------------------------------------
 
 
+def auto_shards(model, cfg: dict) -> int:
+    """One data-parallel shard per CPU core, if a step is big enough (>= 1e8 FLOPs, about
+    a millisecond of matmul) to pay for starting the worker processes; else 1."""
+    from tinygrad_lite import backend
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    if cfg["device"] != "cpu" or cfg["batch_size"] < 2 or model.flops_per_token() * tokens < 1e8:
+        return 1
+    return backend.THREADS
+
+
 def train(cfg: dict, args: argparse.Namespace) -> dict:
     from tinygrad_lite import backend, optim
     from tinygrad_lite.parallel import DataParallel
@@ -237,7 +255,7 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
     optimizer = optim.AdamW(model.optimizer_groups(cfg["weight_decay"]), lr=cfg["lr"],
                             betas=(cfg["beta1"], cfg["beta2"]))
     # each batch is split over the CPU cores, one shard per core (tinygrad_lite/parallel.py)
-    parallel = DataParallel(model)
+    parallel = DataParallel(model, shards=args.shards if args.shards is not None else auto_shards(model, cfg))
     rng = np.random.default_rng(cfg["seed"])  # the training batches
     iter_num, best_val = 0, math.inf
     if checkpoint is not None:
@@ -329,6 +347,7 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
     if progress:
         progress.close()
     log.close()
+    parallel.close()
     elapsed = time.perf_counter() - start
     summary = {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                "best_val": best_val, "tokens_per_s": timed_tokens / elapsed if timed_tokens else None}

@@ -89,6 +89,7 @@ def tinygrad_setup(seed: int = SEED):
         optimizer.zero_grad()
         return value
 
+    step.close = parallel.close  # stops the worker processes (their memory counts too)
     return model, step
 
 
@@ -118,9 +119,12 @@ def torch_setup(threads: int, seed: int = SEED, attention: str = "sdpa"):
 # --- the workers: each runs in its own fresh process ------------------------------------------
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+def peak_rss_mb(workers: int = 0) -> float:
+    """This process's peak resident memory, plus `workers` times the largest peak among its
+    finished child processes (tinygrad_lite's data-parallel workers: they all run the same
+    code on equal shards). Linux reports KiB, macOS bytes."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss += workers * resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return rss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
@@ -135,9 +139,14 @@ def worker_train(framework: str, steps: int, warmup: int, threads: int, attentio
         start = time.perf_counter()
         losses.append(step(x, y))
         times.append(time.perf_counter() - start)
+    workers = 0
+    if hasattr(step, "close"):
+        from tinygrad_lite import backend
+        workers = backend.THREADS - 1  # DataParallel's default: one shard per core
+        step.close()  # joined, so their peak memory is counted
     return {"framework": framework, "ms_per_step": 1000 * sum(times) / steps,
             "step_ms": [round(1000 * t, 3) for t in times], "last_loss": losses[-1],
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb(workers)}
 
 
 def worker_matmul(threads: int, seconds: float = 1.0, n: int = 1024) -> dict:

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NUMPY_ALLOWED = {
     "tinygrad_lite/backend.py": "the backend: it picks NumPy or CuPy and does host copies",
     "tinygrad_lite/strict_array.py": "the strict CuPy stand-in wraps NumPy arrays",
+    "tinygrad_lite/parallel.py": "CPU-only by design: shards share weights in host shared memory (a GPU runs one shard)",
     "model/data.py": "host-side data pipeline: token files and batches, never tensor data",
     "model/tokenizer.py": "host-side text <-> token ids, never tensor data",
     "model/checkpoint.py": "host-side checkpoint I/O of arrays already copied off the device",
@@ -250,6 +251,19 @@ def test_parallel_rows_on_a_big_array_matches_one_call():
     out = np.empty_like(x)
     backend.parallel_rows(lambda a, o: np.multiply(a, 2, out=o), x, out)
     np.testing.assert_array_equal(out, x * 2)
+
+
+def test_chunked_parallel_rows_runs_cache_sized_pieces():
+    x = np.arange(5 * backend.CHUNK_ELEMENTS // 2, dtype=np.float32).reshape(-1, 2)  # 2.5 chunks
+    out, pieces = np.empty_like(x), []
+
+    def kernel(a, o):
+        pieces.append(a.size)
+        np.multiply(a, 2, out=o)
+    with backend.serial_kernels():  # pieces only when one thread runs the kernel
+        backend.parallel_rows(kernel, x, out, chunked=True)
+    np.testing.assert_array_equal(out, x * 2)
+    assert max(pieces) <= backend.CHUNK_ELEMENTS and sum(pieces) == x.size and len(pieces) >= 3
 
 
 def test_threaded_packed_attention_matches_the_composed_one():

@@ -120,6 +120,22 @@ def test_embedding(data):
     assert_same_values_and_grads(lambda w: F.embedding(w, ids), lambda w: C.embedding(w, ids), [weight])
 
 
+@pytest.mark.parametrize("V", [7, 3000])
+def test_embedding_backward_one_hot_and_scatter_paths_agree(V):
+    """A small vocabulary's backward is a one-hot matmul, a big one's a scatter-add:
+    both must be the per-row sums of the gradients."""
+    from tinygrad_lite.fused import ONE_HOT_LIMIT
+    rng = np.random.default_rng(V)
+    ids = rng.integers(0, V, (4, 100))
+    assert (V * ids.size > ONE_HOT_LIMIT) == (V == 3000)
+    w = Tensor(rng.standard_normal((V, 8)).astype(np.float32), requires_grad=True)
+    g = rng.standard_normal((4, 100, 8)).astype(np.float32)
+    F.embedding(w, ids).backward(Tensor(g))
+    expected = np.zeros((V, 8), dtype=np.float64)
+    np.add.at(expected, ids.reshape(-1), g.reshape(-1, 8).astype(np.float64))
+    np.testing.assert_allclose(backend.to_numpy(w.grad), expected, rtol=1e-5, atol=1e-5)
+
+
 @given(data=st.data(), causal=st.booleans())
 def test_scaled_dot_product_attention(data, causal):
     B, H, D = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(small_dims)

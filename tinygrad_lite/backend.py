@@ -222,6 +222,7 @@ _pool = None
 _thread_state = threading.local()  # per thread: serial kernels? its own random generator?
 THREADS = max(1, int(os.environ.get("TINYGRAD_LITE_THREADS", "0") or 0) or min(os.cpu_count() or 1, 8))
 PARALLEL_MIN_SIZE = 1 << 16  # below this many elements, threads cost more than they save
+CHUNK_ELEMENTS = 1 << 16  # 256 KB of float32 per array: a few arrays' pieces fit in a core's L2
 
 
 def row_blocks(array) -> list:
@@ -235,20 +236,30 @@ def row_blocks(array) -> list:
     return [slice(start, start + step) for start in range(0, rows, step)]
 
 
-def parallel_rows(kernel, *arrays, blocks=None, extras=None) -> list:
+def parallel_rows(kernel, *arrays, blocks=None, extras=None, chunked=False) -> list:
     """kernel(*row blocks of `arrays`) for each block, on the thread pool.
 
     The kernel writes its results into output arrays passed among `arrays` (out=), so
     each thread touches its own rows only; whatever it returns comes back as a list in
     block order. `blocks` (default: row_blocks(arrays[0])) fixes the split, and
     `extras` gives block i its own extra last argument (e.g. what an earlier call on
-    the same blocks returned).
+    the same blocks returned). `chunked=True` (for kernels that return nothing), when
+    the kernel runs on this thread alone, runs it in pieces of about CHUNK_ELEMENTS: a
+    kernel of several passes then makes them all while its piece is still in the core's
+    cache, instead of each pass reading the whole array from memory again.
+    NOTE: not with several threads: every NumPy call hands Python's lock (the GIL) to
+    the other thread and back, which costs more than a short piece saves.
     """
     global _pool
     blocks = row_blocks(arrays[0]) if blocks is None else blocks
 
     def run(i: int):
         views = [a[blocks[i]] for a in arrays]
+        if chunked and len(blocks) == 1 and isinstance(arrays[0], numpy.ndarray):
+            rows = max(1, CHUNK_ELEMENTS // max(1, views[0][:1].size))  # rows per piece
+            for start in range(0, views[0].shape[0], rows):
+                kernel(*[v[start:start + rows] for v in views])
+            return None
         return kernel(*views) if extras is None else kernel(*views, extras[i])
     if len(blocks) == 1:
         return [run(0)]

@@ -61,7 +61,7 @@ class GELU(Function):
         xp = xp_of(x)
         x = xp.ascontiguousarray(x).reshape(x.shape)  # (ascontiguousarray makes 0-d into 1-d)
         t, out = xp.empty_like(x), xp.empty_like(x)
-        parallel_rows(_gelu_forward, x.reshape(-1), t.reshape(-1), out.reshape(-1))
+        parallel_rows(_gelu_forward, x.reshape(-1), t.reshape(-1), out.reshape(-1), chunked=True)
         self.x, self.t, self.out = x, t, out
         return out
 
@@ -71,7 +71,7 @@ class GELU(Function):
         grad = xp.ascontiguousarray(grad).reshape(grad.shape)
         d = xp.empty_like(self.x)
         parallel_rows(_gelu_backward, self.x.reshape(-1), self.t.reshape(-1), self.out.reshape(-1),
-                      grad.reshape(-1), d.reshape(-1))
+                      grad.reshape(-1), d.reshape(-1), chunked=True)
         return (d,)
 
 
@@ -166,12 +166,21 @@ class CrossEntropy(Function):
         return d.reshape(self.shape), None
 
 
+def _row_means(x):
+    """(n, C) -> (n, 1) mean of each row.
+
+    NOTE: as a mat-vec with a vector of 1/C: BLAS does it in one pass, where NumPy's
+    sum(axis=-1) pays a fixed cost for each short row (~4x slower at C = 128).
+    """
+    xp = xp_of(x)
+    return (x @ xp.full(x.shape[-1], 1.0 / x.shape[-1], dtype=x.dtype))[:, None]
+
+
 def _layer_norm_forward(x, weight, bias, eps, out, xhat, rstd):
     """One block of rows (n, C): xhat = (x - mean) / sqrt(var + eps); out = xhat w + b."""
     xp = xp_of(x)
-    C = x.shape[-1]
-    xp.subtract(x, x.sum(axis=-1, keepdims=True) * (1.0 / C), out=xhat)  # centred
-    var = (xhat * xhat).sum(axis=-1, keepdims=True) * (1.0 / C)  # (n, 1)
+    xp.subtract(x, _row_means(x), out=xhat)  # centred
+    var = _row_means(xp.multiply(xhat, xhat, out=out))  # (n, 1); `out` is free until the end
     xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
     xhat *= rstd  # mean 0, variance 1
     xp.multiply(xhat, weight, out=out)
@@ -186,7 +195,7 @@ def _layer_norm_backward(grad, xhat, rstd, weight, dx, g_xhat):
     xp.multiply(grad, xhat, out=g_xhat)  # kept: dw = sum over rows of g xhat
     mean_dxhat_xhat = (g_xhat @ weight)[:, None] * (1.0 / C)  # sum_c g w xhat, as a mat-vec
     xp.multiply(grad, weight, out=dx)  # dxhat
-    dx -= dx.sum(axis=-1, keepdims=True) * (1.0 / C)
+    dx -= _row_means(dx)
     dx -= xhat * mean_dxhat_xhat
     dx *= rstd
 
@@ -247,6 +256,9 @@ class Linear(Function):
         return dx, dw, db
 
 
+ONE_HOT_LIMIT = 1 << 20  # vocabulary x positions up to which Embedding's backward is a matmul
+
+
 class Embedding(Function):
     """Rows of weight (V, C) picked by integer ids (...): output (..., C)."""
 
@@ -257,8 +269,17 @@ class Embedding(Function):
 
     # d/dweight: each picked row adds up the gradients of every position that picked it
     def backward(self, grad):
-        dw = xp_of(grad).zeros(self.weight_shape, dtype=grad.dtype)
-        scatter_add(dw, self.ids.reshape(-1), grad.reshape(-1, self.weight_shape[1]))
+        xp = xp_of(grad)
+        (V, C), ids = self.weight_shape, self.ids.reshape(-1)
+        g = grad.reshape(-1, C)  # (N, C)
+        if V * ids.shape[0] <= ONE_HOT_LIMIT:
+            # NOTE: for a small vocabulary, one-hot (V, N) @ g is one BLAS call: ~5x faster
+            # on the CPU than NumPy's scatter-add (np.add.at) for a character vocabulary
+            one_hot = xp.zeros((V, ids.shape[0]), dtype=grad.dtype)
+            one_hot[ids, xp.arange(ids.shape[0])] = 1
+            return one_hot @ g, None
+        dw = xp.zeros(self.weight_shape, dtype=grad.dtype)
+        scatter_add(dw, ids, g)
         return dw, None
 
 

@@ -1,32 +1,41 @@
-"""Data parallelism on CPU threads: split the batch, one shard per core, one gradient.
+"""Data parallelism on the CPU's cores: split the batch, one shard per core, one gradient.
 
 A training step of a small model is hundreds of small ops. Splitting *each op* over the
 cores (backend.parallel_rows) pays a hand-off per op, and most ops are too small to
-split well. Splitting the *batch* instead gives each core a long run of work: every
-shard runs the whole forward and backward of its own sequences on its own thread, with
-its own replica of the model (the same weight arrays, its own gradients). Then the
-shards' gradients are added up, each weighted by its share of the batch. The result is
-the gradient of the whole batch's mean loss, as one pass would give, up to float
-rounding: the loss is a mean over tokens, so it splits into a weighted sum over shards.
+split well. Splitting the *batch* gives each core a long run of work instead: every
+shard runs the whole forward and backward of its own sequences. Then the shards'
+gradients are added up, each weighted by its share of the batch. The result is the
+gradient of the whole batch's mean loss, as one pass would give, up to float rounding:
+the loss is a mean over tokens, so it splits into a weighted sum over shards.
 
-This is PyTorch's DistributedDataParallel idea with threads in place of processes.
-Threads work here because NumPy lets go of Python's global interpreter lock inside its
-kernels and matmuls, so the shards really run at the same time; only the Python between
-the kernels takes turns. Each shard's matmuls then run on one BLAS thread, and its
-elementwise kernels in one call (backend.serial_kernels): the cores are already busy.
+This is PyTorch's DistributedDataParallel on one machine: shard 0 runs in this process,
+every other shard in a worker process with its own copy of the model. The weights live
+in shared memory (copied in once per step), so a worker always computes with the
+current weights; each worker writes its gradients into shared memory of its own, and
+this process adds them to the parameters' .grad.
+
+NOTE: why processes and not threads? NumPy lets go of Python's global interpreter lock
+(GIL) inside its kernels, so threads do run at once, but the Python between the kernels
+takes turns, and every one of a step's ~1,000 kernel calls hands the lock over. On the
+2-core machine a threaded step took 38 ms, processes 32 ms (docs/performance.md).
 
 The split is fixed by the batch size and the shard count, so runs repeat bitwise.
 Random numbers (dropout) come from one generator per shard, seeded from the main one
-each step, so they do not depend on which thread runs first.
+each step, so they do not depend on which process runs first.
 """
 from __future__ import annotations
 
-import copy
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+import signal
+import traceback
+import weakref
+from multiprocessing import shared_memory
 from typing import Any, Callable
 
+import numpy
+
 from . import backend
-from .tensor import Tensor, is_grad_enabled
+from .tensor import Tensor, is_grad_enabled, no_grad
 
 
 def default_loss(model, x, y) -> Tensor:
@@ -41,116 +50,202 @@ def shard_bounds(batch: int, shards: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def replicate(model):
-    """A copy of `model` whose parameters are new Tensors over the *same* arrays: it
-    computes with the model's weights, but keeps its own gradients."""
+def _flat_views(flat: numpy.ndarray, shapes: list[tuple]) -> list[numpy.ndarray]:
+    """Consecutive pieces of a 1-D array, shaped like the parameters."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = int(numpy.prod(shape))
+        views.append(flat[offset:offset + size].reshape(shape))
+        offset += size
+    return views
+
+
+def _attach(name: str, size: int, dtype) -> tuple[shared_memory.SharedMemory, numpy.ndarray]:
+    block = shared_memory.SharedMemory(name=name)
+    return block, numpy.ndarray((size,), dtype=dtype, buffer=block.buf)
+
+
+def _run_shard(model, loss_fn: Callable, x, y, share: float, scale: float, seed: int, train: bool) -> float:
+    """One shard, `share` of the batch: returns share * its mean loss; with train=True,
+    d(scale * share * loss)/d(parameter) lands in .grad."""
+    with backend.serial_kernels(), backend.use_generator(seed):
+        if not train:
+            with no_grad():
+                return share * loss_fn(model, x, y).item()
+        loss = loss_fn(model, x, y)
+        (loss * (share * scale)).backward()
+        return share * loss.item()
+
+
+def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str) -> None:
+    """A worker process: waits for a shard, runs it, writes its gradients, says done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process to handle
     params = model.parameters()
-    shared = {id(p.data): p.data for p in params}  # deepcopy reuses these instead of copying
-    twin = copy.deepcopy(model, memo=shared)
-    for p in twin.parameters():
-        p.grad = None
-    return twin
+    shapes = [p.shape for p in params]
+    size = sum(p.size for p in params)
+    weights_block, weights = _attach(names[0], size, dtype)
+    grads_block, grads = _attach(names[1], size, dtype)
+    for p, view in zip(params, _flat_views(weights, shapes)):
+        p.data = view  # computes with whatever the main process copied in
+    grad_views = _flat_views(grads, shapes)
+    with backend.blas_threads(1):  # this process has one core
+        while True:
+            try:
+                job = conn.recv()
+            except (EOFError, OSError):  # the main process closed the pipe, or died
+                break
+            if job is None:
+                break
+            x, y, share, scale, seed, training, train = job
+            try:
+                model.train(training)
+                loss = _run_shard(model, loss_fn, x, y, share, scale, seed, train)
+                has_grad = []
+                for p, view in zip(params, grad_views):
+                    has_grad.append(p.grad is not None)
+                    if p.grad is not None:
+                        view[...] = p.grad
+                    p.grad = None
+                conn.send(("ok", loss, has_grad))
+            except Exception as e:  # noqa: BLE001 - reported to the main process, which raises
+                conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+    weights_block.close()
+    grads_block.close()
 
 
 class DataParallel:
-    """Run forward + backward of one batch as `shards` shards on as many threads.
+    """Run forward + backward of one batch as `shards` shards, one per CPU core.
 
-        dp = DataParallel(model)                  # shards: backend.THREADS on the CPU
-        loss = dp.forward_backward(x, y)          # x, y (B, T); adds the grads into .grad
+        parallel = DataParallel(model)            # shards: backend.THREADS on the CPU
+        loss = parallel.forward_backward(x, y)    # x, y (B, T); adds the grads into .grad
         optimizer.step()
 
     `loss_fn(model, x, y)` returns the mean loss of a batch as a scalar Tensor (default:
-    `model(x, y)[1]`). With one shard (one core, a GPU, a batch of one) this is the
-    plain loop: `loss = loss_fn(model, x, y); (loss * scale).backward()`.
+    `model(x, y)[1]`); it is sent to the workers, so it must be a module-level function.
+    With one shard (one core, a GPU, a batch of one) this is the plain loop:
+    `loss = loss_fn(model, x, y); (loss * scale).backward()`. The workers start on first
+    use and stop with close() (or when this object or the process goes away).
     """
 
     def __init__(self, model, loss_fn: Callable = default_loss, shards: int | None = None) -> None:
-        params = model.parameters()
-        on_cpu = bool(params) and params[0].device == "cpu"
+        self.params = model.parameters()
+        on_cpu = bool(self.params) and isinstance(self.params[0].data, numpy.ndarray)
         self.shards = shards if shards is not None else (backend.THREADS if on_cpu else 1)
         if self.shards < 1:
             raise ValueError(f"shards must be >= 1, got {self.shards}")
-        self.model, self.loss_fn, self.params = model, loss_fn, params
-        self.replicas: list = []  # (replica model, its parameter list), made on first use
-        self.pool: ThreadPoolExecutor | None = None
+        if self.shards > 1 and not on_cpu:
+            raise ValueError("data parallelism runs on the CPU (NumPy) only; on a GPU use shards=1")
+        if self.shards > 1 and len({p.dtype for p in self.params}) > 1:
+            raise ValueError("data parallelism needs every parameter in one dtype")
+        self.model, self.loss_fn = model, loss_fn
+        self.workers: list[tuple[Any, Any]] = []  # (process, pipe)
+        self._close = None
 
-    def _replicas(self, n: int) -> list:
-        """n replicas, their weights and train/eval mode in step with the model."""
-        while len(self.replicas) < n:
-            twin = replicate(self.model)
-            self.replicas.append((twin, twin.parameters()))
-        for twin, twin_params in self.replicas[:n]:
-            for p, q in zip(self.params, twin_params):
-                q.data = p.data  # the same array (re-pointed if the model's was replaced)
-            twin.train(self.model.training)
-        return self.replicas[:n]
+    # --- the worker processes ---
+    def _start(self) -> None:
+        shapes, dtype = [p.shape for p in self.params], self.params[0].dtype
+        size = sum(p.size for p in self.params)
+        nbytes = max(1, size * dtype.itemsize)
+        blocks = [shared_memory.SharedMemory(create=True, size=nbytes) for _ in range(self.shards)]
+        self._weights = numpy.ndarray((size,), dtype=dtype, buffer=blocks[0].buf)
+        self._grad_views = [_flat_views(numpy.ndarray((size,), dtype=dtype, buffer=b.buf), shapes)
+                            for b in blocks[1:]]
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or locks
+        for block in blocks[1:]:
+            mine, theirs = context.Pipe()
+            process = context.Process(target=_worker, daemon=True, name="tinygrad_lite-shard",
+                                      args=(theirs, self.model, self.loss_fn, (blocks[0].name, block.name), dtype.str))
+            process.start()
+            theirs.close()
+            self.workers.append((process, mine))
+        self._close = weakref.finalize(self, _shut_down, self.workers, blocks)
 
-    def _run(self, jobs: list[Callable[[], Any]]) -> list:
-        """Run the jobs at once, job 0 on this thread; wait for all, then re-raise the first error."""
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(self.shards - 1, thread_name_prefix="tinygrad_lite-shard")
-        futures = [self.pool.submit(job) for job in jobs[1:]]
-        results, error = [], None
-        for job in [jobs[0]] + futures:
+    def close(self) -> None:
+        """Stop the worker processes and free the shared memory."""
+        if self._close is not None:
+            self._close()
+            self._close, self.workers = None, []
+
+    def _run(self, x, y, scale: float, train: bool) -> float:
+        if self.shards == 1 or len(x) < 2:
+            if not train:
+                return self.loss_fn(self.model, x, y).item()
+            loss = self.loss_fn(self.model, x, y)
+            (loss * scale).backward()
+            return loss.item()
+        if train and not is_grad_enabled():
+            raise RuntimeError("forward_backward under no_grad: there is no graph to differentiate")
+        if [p.shape for p in self.params] != [p.shape for p in self.model.parameters()]:
+            raise RuntimeError("the model's parameters changed after DataParallel was made")
+        if not self.workers:
+            self._start()
+        numpy.concatenate([p.data.reshape(-1) for p in self.params], out=self._weights)
+        bounds = shard_bounds(len(x), self.shards)
+        # one seed per shard from the main generator (for dropout); evaluation draws none,
+        # so it leaves the training run's random stream alone
+        seeds = (backend.generator("cpu").integers(0, 2**63, size=len(bounds)).tolist() if train
+                 else [0] * len(bounds))
+        shares = [(stop - start) / len(x) for start, stop in bounds]
+        busy, sent = self.workers[:len(bounds) - 1], []
+        for (_, pipe), (start, stop), share, seed in zip(busy, bounds[1:], shares[1:], seeds[1:]):
             try:
-                results.append(job() if callable(job) else job.result())
-            except BaseException as e:  # noqa: BLE001 - every shard must finish before we go on
-                error = error or e
+                pipe.send((x[start:stop], y[start:stop], share, scale, seed, self.model.training, train))
+                sent.append(True)
+            except OSError:  # a broken pipe: the worker is gone
+                sent.append(False)
+        error, losses = None, []
+        try:  # shard 0 here, on one BLAS thread: the workers have the other cores
+            with backend.blas_threads(1):
+                start, stop = bounds[0]
+                losses.append(_run_shard(self.model, self.loss_fn, x[start:stop], y[start:stop],
+                                         shares[0], scale, seeds[0], train))
+        except BaseException as e:  # noqa: BLE001 - the workers' answers must still be read
+            error = e
+        replies = []
+        for (process, pipe), was_sent in zip(busy, sent):
+            try:
+                if not was_sent:
+                    raise EOFError
+                replies.append(pipe.recv())
+            except (EOFError, OSError):
+                process.join(timeout=1)
+                replies.append(("error", f"data-parallel worker {process.name} (pid {process.pid}) died "
+                                f"(exit code {process.exitcode}; a script that starts workers needs its "
+                                "top-level code under `if __name__ == '__main__':`)", ""))
         if error is not None:
             raise error
-        return results
-
-    def _shard_jobs(self, x, y, fn: Callable, draws_random: bool) -> list[Callable[[], Any]]:
-        bounds = shard_bounds(len(x), self.shards)
-        # one seed per shard from the main generator (for dropout): not drawn in evaluation,
-        # so evaluating leaves the training run's random stream alone
-        seeds = (backend.generator("cpu").integers(0, 2**63, size=len(bounds)) if draws_random
-                 else [0] * len(bounds))
-        batch = len(x)
-
-        def job(twin, start, stop, seed):
-            def run():
-                with backend.serial_kernels(), backend.use_generator(int(seed)):
-                    return fn(twin, x[start:stop], y[start:stop], (stop - start) / batch)
-            return run
-        return [job(twin, *b, seed) for (twin, _), b, seed in zip(self._replicas(len(bounds)), bounds, seeds)]
+        for reply in replies:
+            if reply[0] == "error":
+                self.close()  # the workers' state is unknown: start afresh next time
+                raise RuntimeError(f"in a data-parallel worker: {reply[1]}\n{reply[2]}".rstrip())
+        if train:  # the workers' gradients, added in a fixed order (never in place: grads may be shared)
+            for reply, views in zip(replies, self._grad_views):
+                for p, has_grad, view in zip(self.params, reply[2], views):
+                    if has_grad:
+                        p.grad = view.copy() if p.grad is None else p.grad + view
+        return float(sum(losses) + sum(reply[1] for reply in replies))
 
     def forward_backward(self, x, y, scale: float = 1.0) -> float:
         """Mean loss of the batch (x, y); adds d(scale * loss)/d(parameter) into each
         parameter's .grad (so gradient accumulation works as with loss.backward())."""
-        if self.shards == 1 or len(x) < 2:
-            loss = self.loss_fn(self.model, x, y)
-            (loss * scale).backward()
-            return loss.item()
-        if not is_grad_enabled():
-            raise RuntimeError("forward_backward under no_grad: there is no graph to differentiate")
-
-        def shard(twin, xs, ys, weight):
-            loss = self.loss_fn(twin, xs, ys)
-            (loss * (weight * scale)).backward()
-            return weight * loss.item()
-        with backend.blas_threads(1):
-            losses = self._run(self._shard_jobs(x, y, shard, draws_random=True))
-        for i, p in enumerate(self.params):  # the shards' gradients, added in a fixed order
-            total = p.grad
-            for _, twin_params in self.replicas[:len(losses)]:
-                g, twin_params[i].grad = twin_params[i].grad, None
-                if g is not None:
-                    total = g if total is None else total + g  # never in place: grads may be shared
-            p.grad = total
-        return float(sum(losses))
+        return self._run(x, y, scale, train=True)
 
     def loss(self, x, y) -> float:
-        """Mean loss of the batch, forward only (evaluation; call under no_grad)."""
-        if self.shards == 1 or len(x) < 2:
-            return self.loss_fn(self.model, x, y).item()
+        """Mean loss of the batch, forward only (evaluation)."""
+        return self._run(x, y, 1.0, train=False)
 
-        def shard(twin, xs, ys, weight):
-            return weight * self.loss_fn(twin, xs, ys).item()
-        with backend.blas_threads(1):
-            return float(sum(self._run(self._shard_jobs(x, y, shard, draws_random=False))))
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
+def _shut_down(workers: list, blocks: list) -> None:
+    for _, pipe in workers:
+        try:
+            pipe.send(None)
+            pipe.close()
+        except OSError:
+            pass
+    for process, _ in workers:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+    for block in blocks:
+        block.close()
+        block.unlink()
