@@ -41,16 +41,24 @@ def attention_forward(q, k, v, causal: bool, dropout_p: float):
         raise ValueError(f"causal attention needs at least as many keys as queries ({Tk} < {Tq})")
     scale = 1.0 / math.sqrt(D)
     lead = q.shape[:-2]
-    st = xp.empty((Tk,) + lead + (Tq,), dtype=q.dtype)  # S^T: every key against every query
-    xp.matmul(k, xp.swapaxes(q, -1, -2), out=xp.moveaxis(st, 0, -2))  # S^T = k q^T
-    st *= scale
-    if causal:  # -inf where query i may not see key j
-        blocked = causal_mask(xp, Tq, Tk).T.reshape((Tk,) + (1,) * len(lead) + (Tq,))
-        st += xp.where(blocked, -xp.inf, 0).astype(st.dtype)
-    st -= st.max(axis=0)  # softmax over the keys, in place
-    xp.exp(st, out=st)
-    st /= st.sum(axis=0)
-    P = xp.moveaxis(st, 0, -1)  # (..., Tq, Tk) view
+    if Tq == 1:  # decoding: one query per sequence sees every key; the usual layout is faster
+        P = q @ xp.swapaxes(k, -1, -2)  # (..., 1, Tk)
+        P *= scale
+        P -= P.max(axis=-1, keepdims=True)
+        xp.exp(P, out=P)
+        P /= P.sum(axis=-1, keepdims=True)
+        st = xp.moveaxis(P, -1, 0)  # the keys-first view the backward works on
+    else:
+        st = xp.empty((Tk,) + lead + (Tq,), dtype=q.dtype)  # S^T: every key against every query
+        xp.matmul(k, xp.swapaxes(q, -1, -2), out=xp.moveaxis(st, 0, -2))  # S^T = k q^T
+        st *= scale
+        if causal:  # -inf where query i may not see key j
+            blocked = causal_mask(xp, Tq, Tk).T.reshape((Tk,) + (1,) * len(lead) + (Tq,))
+            st += xp.where(blocked, -xp.inf, 0).astype(st.dtype)
+        st -= st.max(axis=0)  # softmax over the keys, in place
+        xp.exp(st, out=st)
+        st /= st.sum(axis=0)
+        P = xp.moveaxis(st, 0, -1)  # (..., Tq, Tk) view
     mask = None
     if dropout_p > 0:
         mask = (rand(P.shape, device_of(P), P.dtype) >= dropout_p) * P.dtype.type(1 / (1 - dropout_p))

@@ -187,7 +187,7 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
     if not max_norm > 0:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     grads = [p for p in params if p.grad is not None]
-    total = math.sqrt(sum(float((p.grad * p.grad).sum()) for p in grads))
+    total = math.sqrt(sum(float(p.xp.vdot(p.grad, p.grad)) for p in grads))  # vdot: one BLAS pass, no temporary
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
         for p in grads:
