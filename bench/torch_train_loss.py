@@ -1,11 +1,14 @@
 """The PyTorch reference run for the loss target: nanoGPT's model and CPU config, trained
 on exactly the batches train.py would draw, so the two val losses can be compared.
 
-    python bench/torch_train_loss.py [--seed 1337] [--gelu exact|tanh] [--same-init]
+    python bench/torch_train_loss.py [--seed 1337] [--gelu exact|tanh] [--same-init] [--batches nanogpt]
 
 --gelu exact is nanoGPT's nn.GELU(); tanh is GPT-2's approximation, which tinygrad_lite
 uses. --same-init starts from tinygrad_lite's initial weights for that seed (otherwise
-PyTorch draws its own). Prints the eval losses every 250 iterations and a JSON line.
+PyTorch draws its own). --batches nanogpt draws every batch as nanoGPT's train.py does
+instead: torch.randint from the one global torch generator (seeded before the model is
+made), train batches fetched one step ahead, eval batches from the same stream. Prints
+the eval losses every 250 iterations and a JSON line.
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ def main() -> int:
     p.add_argument("--gelu", choices=["exact", "tanh"], default="exact")
     p.add_argument("--same-init", action="store_true")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", choices=["ours", "nanogpt"], default="ours",
+                   help="train.py's batches (numpy, seeded) or nanoGPT's (torch's global generator)")
     args = p.parse_args()
     cfg = PRESETS["shakespeare-char-cpu"]
     torch.set_num_threads(args.threads)
@@ -57,17 +62,26 @@ def main() -> int:
     opt = make_adamw(model, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
     rng = np.random.default_rng(args.seed)  # train.py's batch generator
 
+    def nanogpt_batch(data):  # nanoGPT's get_batch: offsets from torch's global generator
+        ix = torch.randint(len(data) - cfg["block_size"], (cfg["batch_size"],))
+        x = torch.stack([torch.from_numpy(data[i:i + cfg["block_size"]].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg["block_size"]].astype(np.int64)) for i in ix])
+        return x, y
+
     def evaluate(it: int) -> dict:
         model.eval()
         out = {}
         with torch.no_grad():
             for name, data in (("train", train_ids), ("val", val_ids)):
                 erng = np.random.default_rng([args.seed, it, len(name)])  # train.py's eval RNG
-                losses = [model(*map(torch.from_numpy, get_batch(data, cfg["batch_size"], cfg["block_size"], erng)))[1].item()
-                          for _ in range(cfg["eval_iters"])]
+                batch = ((lambda: nanogpt_batch(data)) if args.batches == "nanogpt" else
+                         (lambda: tuple(map(torch.from_numpy, get_batch(data, cfg["batch_size"], cfg["block_size"], erng)))))
+                losses = [model(*batch())[1].item() for _ in range(cfg["eval_iters"])]
                 out[name] = float(np.mean(losses))
         model.train()
         return out
+
+    ahead = nanogpt_batch(train_ids) if args.batches == "nanogpt" else None  # nanoGPT fetches one step ahead
 
     start = time.perf_counter()
     for it in range(cfg["max_iters"] + 1):
@@ -78,13 +92,19 @@ def main() -> int:
             break
         for group in opt.param_groups:
             group["lr"] = cosine_lr(it, cfg["lr"], cfg["min_lr"], cfg["warmup_iters"], cfg["lr_decay_iters"])
-        x, y = map(torch.from_numpy, get_batch(train_ids, cfg["batch_size"], cfg["block_size"], rng))
-        _, loss = model(x, y)
+        if args.batches == "nanogpt":
+            x, y = ahead
+            _, loss = model(x, y)
+            ahead = nanogpt_batch(train_ids)  # as nanoGPT: drawn after the forward
+        else:
+            x, y = map(torch.from_numpy, get_batch(train_ids, cfg["batch_size"], cfg["block_size"], rng))
+            _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
     print(json.dumps({"framework": "pytorch", "seed": args.seed, "gelu": args.gelu, "same_init": args.same_init,
+                      "batches": args.batches,
                       "val_loss": round(losses["val"], 4), "train_loss": round(losses["train"], 4),
                       "wall_s": round(time.perf_counter() - start, 1)}))
     return 0

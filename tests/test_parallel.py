@@ -166,6 +166,15 @@ def test_a_dead_worker_is_reported_and_replaced(parallel_gpt):
 
 
 @on_cpu
+def test_a_parameter_changing_shape_is_refused(parallel_gpt):
+    model, parallel = parallel_gpt(2)
+    parallel.forward_backward(*batch())
+    model.wte.weight.data = model.wte.weight.data[:5]
+    with pytest.raises(RuntimeError, match="changed shape or dtype"):
+        parallel.forward_backward(*batch())
+
+
+@on_cpu
 def test_close_stops_the_workers(parallel_gpt):
     model, parallel = parallel_gpt(2)
     parallel.forward_backward(*batch())

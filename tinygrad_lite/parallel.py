@@ -143,6 +143,7 @@ class DataParallel:
 
     # --- the worker processes ---
     def _start(self) -> None:
+        self._layout = [(p.shape, p.dtype) for p in self.params]
         shapes, dtype = [p.shape for p in self.params], self.params[0].dtype
         size = sum(p.size for p in self.params)
         nbytes = max(1, size * dtype.itemsize)
@@ -175,10 +176,11 @@ class DataParallel:
             return loss.item()
         if train and not is_grad_enabled():
             raise RuntimeError("forward_backward under no_grad: there is no graph to differentiate")
-        if [p.shape for p in self.params] != [p.shape for p in self.model.parameters()]:
-            raise RuntimeError("the model's parameters changed after DataParallel was made")
         if not self.workers:
             self._start()
+        if [(p.shape, p.dtype) for p in self.params] != self._layout:
+            raise RuntimeError("the model's parameters changed shape or dtype after DataParallel "
+                               "started its workers; make a new DataParallel")
         numpy.concatenate([p.data.reshape(-1) for p in self.params], out=self._weights)
         bounds = shard_bounds(len(x), self.shards)
         # one seed per shard from the main generator (for dropout); evaluation draws none,
