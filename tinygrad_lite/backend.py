@@ -194,8 +194,8 @@ def rand(shape: tuple, device: str, dtype="float32"):
 @contextlib.contextmanager
 def use_generator(seed: int):
     """Inside: the CPU random numbers of *this thread* come from a generator of its own,
-    seeded with `seed`. Threads that draw at the same time (one data-parallel shard
-    each) then get the same numbers every run, whatever order they run in."""
+    seeded with `seed`. Each data-parallel shard draws its dropout masks this way, so
+    its numbers are the same every run, whichever shard happens to run first."""
     previous, _thread_state.generator = getattr(_thread_state, "generator", None), numpy.random.default_rng(seed)
     try:
         yield
@@ -290,7 +290,7 @@ _blas_controller = None
 def blas_threads(n: int):
     """Inside: BLAS (NumPy's matmul) uses at most `n` threads, process-wide.
 
-    Data-parallel shards each run their own matmuls on their own thread; a BLAS that
+    Data-parallel shards each run their own matmuls, one process per core; a BLAS that
     also split every matmul over all cores would fight them for the cores. The switch
     goes through threadpoolctl (it knows how to find OpenBLAS, MKL and BLIS inside
     NumPy); without it this does nothing.
