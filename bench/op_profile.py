@@ -3,7 +3,8 @@
     python bench/op_profile.py [--steps 20] [--threads N]
 
 The shakespeare-char-cpu model and train.py's step (forward, backward, clip, AdamW,
-zero_grad) on a fixed random batch. Prints ms per step for every op's forward and
+zero_grad) on a fixed random batch, in one process (train.py splits the batch over the
+cores; each of its shards runs these same ops on part of the batch). Prints ms per step for every op's forward and
 backward pass, and what is left outside the ops (optimizer, clipping, Python).
 """
 from __future__ import annotations
