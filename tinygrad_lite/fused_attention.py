@@ -41,24 +41,20 @@ def attention_forward(q, k, v, causal: bool, dropout_p: float):
         raise ValueError(f"causal attention needs at least as many keys as queries ({Tk} < {Tq})")
     scale = 1.0 / math.sqrt(D)
     lead = q.shape[:-2]
-    if Tq == 1:  # decoding: one query per sequence sees every key; the usual layout is faster
-        P = q @ xp.swapaxes(k, -1, -2)  # (..., 1, Tk)
-        P *= scale
-        P -= P.max(axis=-1, keepdims=True)
-        xp.exp(P, out=P)
-        P /= P.sum(axis=-1, keepdims=True)
-        st = xp.moveaxis(P, -1, 0)  # the keys-first view the backward works on
+    if Tq == 1:  # decoding: one query per sequence; the usual layout is faster
+        scores, key_axis = q @ xp.swapaxes(k, -1, -2), -1  # (..., 1, Tk)
     else:
-        st = xp.empty((Tk,) + lead + (Tq,), dtype=q.dtype)  # S^T: every key against every query
-        xp.matmul(k, xp.swapaxes(q, -1, -2), out=xp.moveaxis(st, 0, -2))  # S^T = k q^T
-        st *= scale
-        if causal:  # -inf where query i may not see key j
-            blocked = causal_mask(xp, Tq, Tk).T.reshape((Tk,) + (1,) * len(lead) + (Tq,))
-            st += xp.where(blocked, -xp.inf, 0).astype(st.dtype)
-        st -= st.max(axis=0)  # softmax over the keys, in place
-        xp.exp(st, out=st)
-        st /= st.sum(axis=0)
-        P = xp.moveaxis(st, 0, -1)  # (..., Tq, Tk) view
+        scores, key_axis = xp.empty((Tk,) + lead + (Tq,), dtype=q.dtype), 0  # S^T: keys first
+        xp.matmul(k, xp.swapaxes(q, -1, -2), out=xp.moveaxis(scores, 0, -2))  # S^T = k q^T
+    scores *= scale
+    if causal and Tq > 1:  # -inf where query i may not see key j (a lone query sees them all)
+        blocked = causal_mask(xp, Tq, Tk).T.reshape((Tk,) + (1,) * len(lead) + (Tq,))
+        scores += xp.where(blocked, -xp.inf, 0).astype(scores.dtype)
+    scores -= scores.max(axis=key_axis, keepdims=True)  # softmax over the keys, in place
+    xp.exp(scores, out=scores)
+    scores /= scores.sum(axis=key_axis, keepdims=True)
+    st = scores if key_axis == 0 else xp.moveaxis(scores, -1, 0)  # the keys-first view backward uses
+    P = xp.moveaxis(st, 0, -1)  # (..., Tq, Tk) view
     mask = None
     if dropout_p > 0:
         mask = (rand(P.shape, device_of(P), P.dtype) >= dropout_p) * P.dtype.type(1 / (1 - dropout_p))
