@@ -129,11 +129,12 @@ def load_training_text(cfg: dict) -> str:
     return load_text(cfg["data"] if cfg.get("data") else shakespeare_path())
 
 
-def estimate_loss(model, parallel, splits: dict, cfg: dict, iter_num: int) -> dict:
-    """Mean loss over eval_iters batches of each split. Its own RNG, seeded by the
-    iteration, so evaluating never changes the training batches (exact resume)."""
+def estimate_loss(parallel, splits: dict, cfg: dict, iter_num: int) -> dict:
+    """Mean loss of parallel.model over eval_iters batches of each split. Its own RNG,
+    seeded by the iteration, so evaluating never changes the training batches (exact resume)."""
     from model.data import get_batch
     from tinygrad_lite import no_grad
+    model = parallel.model
     model.eval()
     out = {}
     with no_grad():
@@ -299,7 +300,7 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
     losses, start, timed_tokens = None, time.perf_counter(), 0
     while True:
         if iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]:
-            losses = estimate_loss(model, parallel, {"train": train_ids, "val": val_ids}, cfg, iter_num)
+            losses = estimate_loss(parallel, {"train": train_ids, "val": val_ids}, cfg, iter_num)
             best_val = min(best_val, losses["val"])
             log.write(json.dumps({"kind": "eval", "iter": iter_num, **losses}) + "\n")
             log.flush()

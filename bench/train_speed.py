@@ -89,7 +89,7 @@ def tinygrad_setup(seed: int = SEED):
         optimizer.zero_grad()
         return value
 
-    step.close = parallel.close  # stops the worker processes (their memory counts too)
+    step.parallel = parallel  # its worker processes' memory counts too
     return model, step
 
 
@@ -140,10 +140,10 @@ def worker_train(framework: str, steps: int, warmup: int, threads: int, attentio
         losses.append(step(x, y))
         times.append(time.perf_counter() - start)
     workers = 0
-    if hasattr(step, "close"):
-        from tinygrad_lite import backend
-        workers = backend.THREADS - 1  # DataParallel's default: one shard per core
-        step.close()  # joined, so their peak memory is counted
+    parallel = getattr(step, "parallel", None)  # tinygrad_lite's data parallelism
+    if parallel is not None:
+        workers = len(parallel.workers)
+        parallel.close()  # joined, so their peak memory is counted
     return {"framework": framework, "ms_per_step": 1000 * sum(times) / steps,
             "step_ms": [round(1000 * t, 3) for t in times], "last_loss": losses[-1],
             "peak_rss_mb": peak_rss_mb(workers)}
