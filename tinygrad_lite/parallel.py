@@ -168,11 +168,10 @@ class DataParallel:
             self._close, self.workers = None, []
 
     def _run(self, x, y, scale: float, train: bool) -> float:
-        if self.shards == 1 or len(x) < 2:
-            if not train:
-                return self.loss_fn(self.model, x, y).item()
+        if self.shards == 1 or len(x) < 2:  # the plain loop
             loss = self.loss_fn(self.model, x, y)
-            (loss * scale).backward()
+            if train:
+                (loss * scale).backward()
             return loss.item()
         if train and not is_grad_enabled():
             raise RuntimeError("forward_backward under no_grad: there is no graph to differentiate")
