@@ -9,23 +9,29 @@
 Errors (a missing or corrupt checkpoint, a character the vocabulary lacks, a bad flag)
 are one line on stderr and exit code 2; --debug shows the traceback.
 """
-from __future__ import annotations
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-import tinygrad_lite  # noqa: F401  (before NumPy: it sets OpenBLAS's thread spin)
-from model.cli import OneLineParser, UserError, report
+from model.attention_plot import attention_maps, plot_attention
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.cli import HelpFormatter, OneLineParser, UserError, report
+from model.generate import TextFollower, _check_stops, check_sampling, stream
+from model.gpt import GPT, GPTConfig
+from model.speculative import SpeculativeStats, speculative_stream
+from model.tokenizer import tokenizer_from_dict
+from tinygrad_lite import backend, cpu, ops_tier
+from tinygrad_lite.functional import DEFAULT_TIER, TIERS
 
 SEPARATOR = "\n---------------\n"  # between samples, as nanoGPT's sample.py
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(description=__doc__.split("\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--out-dir", default="out-shakespeare-char-cpu", help="training out dir holding ckpt.npz")
     p.add_argument("--prompt", default="\n", help="start text, or @file to read it from a file")
     p.add_argument("--num-samples", type=int, default=1)
@@ -41,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per round (k)")
     p.add_argument("--attention-map", default=None, metavar="PNG", help="plot one layer's attention heads")
     p.add_argument("--layer", type=int, default=0, help="the layer for --attention-map")
+    p.add_argument("--ops", choices=list(TIERS), default=DEFAULT_TIER, help="which tier of the ops runs")
     p.add_argument("--verbose", action="store_true", help="prefill / decode tokens/s on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p.parse_args(argv)
@@ -48,7 +55,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before the checkpoint is read."""
-    from model.generate import _check_stops, check_sampling
     check_sampling(args.temperature, args.top_k, args.top_p)
     _check_stops(args.stop)
     if args.num_samples < 1:
@@ -80,9 +86,6 @@ def read_prompt(prompt: str) -> str:
 
 def load_model(out_dir: str):
     """(model in eval mode, tokenizer) from a training out dir, on the default device."""
-    from model.checkpoint import CheckpointError, load_checkpoint
-    from model.gpt import GPT, GPTConfig
-    from model.tokenizer import tokenizer_from_dict
     state, meta, _ = load_checkpoint(out_dir)  # CheckpointError on any problem
     if "model_config" not in meta or "tokenizer" not in meta:
         raise CheckpointError(f"{out_dir} has no model_config/tokenizer in its header; was it written by train.py?")
@@ -99,11 +102,6 @@ def load_model(out_dir: str):
 
 
 def run(args: argparse.Namespace) -> None:
-    from model.attention_plot import attention_maps, plot_attention
-    from model.generate import TextFollower, stream
-    from model.speculative import SpeculativeStats, speculative_stream
-    from tinygrad_lite import backend
-
     check_args(args)
     if args.device:
         backend.set_default_device(args.device)  # before the model is built: its weights go there
@@ -175,7 +173,9 @@ def report_speed(n_prompt: int, n_new: int, start: float, first: float | None, e
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        cpu.tune()  # this process's malloc and threads (tinygrad_lite/cpu.py)
+        with ops_tier(args.ops):
+            run(args)
         return 0
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -4,23 +4,34 @@
     python train.py --preset shakespeare-char --device cuda
     python train.py --data my.txt --tokenizer cl100k_base-compact --max-iters 500
     python train.py --resume                          # continue from out-shakespeare-char/ckpt.npz
+    python train.py --ops primitive --max-iters 200   # the same run on the readable ops
 
 The loop, as in every framework: get a batch, forward, loss, backward, clip, step,
-zero_grad; every --eval-interval iterations estimate train/val loss and checkpoint.
+zero_grad (`train_step`); every --eval-interval iterations estimate train/val loss and
+checkpoint (`evaluate_and_checkpoint`).
 """
-from __future__ import annotations
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
 
 import argparse
 import json
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import tinygrad_lite  # noqa: F401  (before NumPy: it sets OpenBLAS's thread spin)
 import numpy as np
 
-from model.cli import OneLineParser, UserError, report
+from model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from model.cli import HelpFormatter, OneLineParser, UserError, report
+from model.data import encode_dataset, get_batch, load_text, shakespeare_path
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import make_tokenizer, tokenizer_from_dict
+from tinygrad_lite import backend, cpu, no_grad, ops_tier, optim
+from tinygrad_lite.functional import DEFAULT_TIER, TIERS
+from tinygrad_lite.parallel import DataParallel
 
 # --- presets: nanoGPT's configs for tiny Shakespeare, character level --------------------
 PRESETS = {
@@ -42,10 +53,10 @@ ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "pos", "bia
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = OneLineParser(description=__doc__.split("\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    preset = PRESETS[DEFAULT_PRESET]
     p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--data", default=None, help="a UTF-8 text file (default: tiny Shakespeare, downloaded and cached)")
+    p.add_argument("--data", default=None, help="a UTF-8 text file (default: tiny Shakespeare, shipped in the package)")
     p.add_argument("--out-dir", default=None, help="checkpoint and logs (default: out-<preset>)")
     p.add_argument("--init-from", default=None, help="start from this out dir's weights (fine-tuning)")
     for name, kind in [("max-iters", int), ("batch-size", int), ("block-size", int), ("n-layer", int),
@@ -54,9 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        ("weight-decay", float), ("beta1", float), ("beta2", float),
                        ("grad-clip", float), ("grad-accum", int), ("eval-interval", int),
                        ("eval-iters", int)]:
-        p.add_argument(f"--{name}", type=kind, default=None, help="(preset's value)")
-    p.add_argument("--pos", choices=["learned", "rope"], default=None, help="position encoding")
-    p.add_argument("--tokenizer", default=None, help="char, cl100k_base, cl100k_base-compact, ...")
+        value = preset[name.replace("-", "_")]
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"default: the preset's ({value} in {DEFAULT_PRESET})")
+    p.add_argument("--pos", choices=["learned", "rope"], default=None, help="position encoding (default: learned)")
+    p.add_argument("--tokenizer", default=None, help="char, cl100k_base, cl100k_base-compact, ... (default: char)")
+    p.add_argument("--ops", choices=list(TIERS), default=DEFAULT_TIER,
+                   help="which tier of the ops runs: the readable primitive compositions, the fused ops "
+                        "with hand-written backward, or the fast kernels")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
     p.add_argument("--device", default=None, help="cpu or cuda (default: the preset's, cpu if no CuPy)")
@@ -83,7 +98,6 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if Path(cfg["out_dir"]).exists() and not Path(cfg["out_dir"]).is_dir():
         raise UserError(f"--out-dir {cfg['out_dir']} is a file, not a folder")
     if cfg["device"] == "cuda" and args.device is None:
-        from tinygrad_lite import backend
         if not backend.cuda_available:
             cfg["device"] = "cpu"  # the GPU preset still runs, slowly, without CuPy
     if cfg["max_iters"] < 0:
@@ -111,12 +125,30 @@ def resolve_config(args: argparse.Namespace) -> dict:
     return cfg
 
 
-# --- helpers ------------------------------------------------------------------------------
+# --- setting up a run -----------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything one training run holds, made by `setup` and advanced by `train_step`."""
+
+    cfg: dict
+    model: GPT
+    optimizer: optim.AdamW
+    parallel: DataParallel | None  # None: one process, the plain loop
+    tokenizer: Any
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    rng: np.random.Generator  # draws the training batches
+    out_dir: Path
+    iter_num: int = 0
+    best_val: float = math.inf
+    losses: dict | None = None  # the last evaluation
+    log: Any = field(default=None, repr=False)
 
 
 def check_training_header(meta: dict, path: Path) -> None:
     """A checkpoint to resume or fine-tune from must carry train.py's config and tokenizer."""
-    from model.checkpoint import CheckpointError
     config = meta.get("config")
     missing = [k for k in ("config", "tokenizer") if k not in meta]
     missing += [f"config.{k}" for k in ARCH_KEYS + ("tokenizer",) if isinstance(config, dict) and k not in config]
@@ -124,33 +156,156 @@ def check_training_header(meta: dict, path: Path) -> None:
         raise CheckpointError(f"{path} has no {', '.join(missing)} in its header; was it written by train.py?")
 
 
-def load_training_text(cfg: dict) -> str:
-    from model.data import load_text, shakespeare_path
-    return load_text(cfg["data"] if cfg.get("data") else shakespeare_path())
+def starting_checkpoint(cfg: dict, args: argparse.Namespace):
+    """The checkpoint to resume (--resume) or fine-tune (--init-from) from, or None; the
+    architecture it fixes is copied into cfg."""
+    if not (args.resume or args.init_from):
+        return None
+    path = Path(cfg["out_dir"] if args.resume else args.init_from) / CHECKPOINT_NAME
+    checkpoint = load_checkpoint(path)  # CheckpointError on any problem
+    check_training_header(checkpoint[1], path)
+    saved = checkpoint[1]["config"]
+    for key in ARCH_KEYS + (("tokenizer",) if args.resume else ()):
+        cfg[key] = saved[key]
+    if args.resume and saved.get("data") and not cfg.get("data"):
+        cfg["data"] = saved["data"]
+    return checkpoint
 
 
-def estimate_loss(parallel, splits: dict, cfg: dict, iter_num: int) -> dict:
-    """Mean loss of parallel.model over eval_iters batches of each split. Its own RNG,
-    seeded by the iteration, so evaluating never changes the training batches (exact resume)."""
-    from model.data import get_batch
-    from tinygrad_lite import no_grad
-    model = parallel.model
-    model.eval()
+def load_data(cfg: dict, checkpoint, out_dir: Path):
+    """(tokenizer, train ids, val ids): the checkpoint's tokenizer, or a new one for the text."""
+    text = load_text(cfg["data"] if cfg.get("data") else shakespeare_path())
+    tokenizer = (tokenizer_from_dict(checkpoint[1]["tokenizer"]) if checkpoint is not None
+                 else make_tokenizer(cfg["tokenizer"], text))
+    train_ids, val_ids = encode_dataset(text, tokenizer, out_dir / "data")
+    for name, ids in (("train", train_ids), ("val", val_ids)):
+        if len(ids) < cfg["block_size"] + 1:
+            raise UserError(f"the {name} split has {len(ids)} tokens; block_size {cfg['block_size']} "
+                            f"needs at least {cfg['block_size'] + 1} (use more text or a smaller --block-size)")
+    return tokenizer, train_ids, val_ids
+
+
+def auto_shards(model: GPT, cfg: dict) -> int:
+    """One data-parallel shard per CPU core, if a step is big enough (>= 1e8 FLOPs, about
+    a millisecond of matmul) to pay for starting the worker processes; else 1."""
+    tokens = cfg["batch_size"] * cfg["block_size"]
+    if cfg["device"] != "cpu" or cfg["batch_size"] < 2 or model.flops_per_token() * tokens < 1e8:
+        return 1
+    return cpu.num_threads()
+
+
+def setup(cfg: dict, args: argparse.Namespace) -> Run:
+    """Model, optimizer, data and shards for cfg; with --resume or --init-from, the weights
+    (and, resuming, the optimizer, iteration and random streams) from the checkpoint."""
+    out_dir = Path(cfg["out_dir"])
+    backend.set_default_device(cfg["device"])
+    backend.manual_seed(cfg["seed"])
+    checkpoint = starting_checkpoint(cfg, args)
+    tokenizer, train_ids, val_ids = load_data(cfg, checkpoint, out_dir)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+                       n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
+                       bias=cfg["bias"], pos=cfg["pos"])
+    model = GPT(config)
+    optimizer = optim.AdamW(model.optimizer_groups(cfg["weight_decay"]), lr=cfg["lr"],
+                            betas=(cfg["beta1"], cfg["beta2"]))
+    # each batch is split over the CPU cores, one shard per core (tinygrad_lite/parallel.py)
+    shards = args.shards if args.shards is not None else auto_shards(model, cfg)
+    run = Run(cfg, model, optimizer, DataParallel(model, shards=shards) if shards > 1 else None,
+              tokenizer, train_ids, val_ids, np.random.default_rng(cfg["seed"]), out_dir)
+    if checkpoint is not None:
+        model_state, meta, optim_state = checkpoint
+        try:
+            model.load_state_dict(model_state)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"checkpoint does not fit this model: {e}") from None
+        if args.resume:
+            if optim_state is None:
+                raise CheckpointError(f"{out_dir / CHECKPOINT_NAME} has no optimizer state; cannot resume exactly")
+            optimizer.load_state_dict(optim_state)
+            run.iter_num, run.best_val = meta["iter_num"], meta.get("best_val", math.inf)
+            run.rng.bit_generator.state = meta["data_rng"]
+            backend.set_rng_state(meta["dropout_rng"])
+    return run
+
+
+# --- one step ------------------------------------------------------------------------------------
+
+
+class NonFiniteStep(Exception):
+    """A step whose loss or gradient norm is NaN or Inf; nothing was updated."""
+
+
+def train_step(run: Run, lr: float) -> tuple[float, float]:
+    """One optimizer step: grad_accum micro-batches of forward, loss and backward, then
+    clip, step, zero_grad. Returns (mean loss, gradient norm before clipping)."""
+    cfg, model, optimizer = run.cfg, run.model, run.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for _ in range(cfg["grad_accum"]):
+        x, y = get_batch(run.train_ids, cfg["batch_size"], cfg["block_size"], run.rng)  # (B, T) each
+        if run.parallel is None:  # one process: the loop of every framework
+            logits, loss = model(x, y)  # forward: logits (B, T, V) and the mean cross-entropy
+            (loss / cfg["grad_accum"]).backward()  # backward: d loss / d parameter adds into .grad
+            loss_sum += loss.item() / cfg["grad_accum"]
+        else:  # data parallel: each shard runs that same forward and backward on its rows
+            loss_sum += run.parallel.forward_backward(x, y, scale=1 / cfg["grad_accum"]) / cfg["grad_accum"]
+    params = model.parameters()
+    if cfg["grad_clip"] > 0:
+        grad_norm = optim.clip_grad_norm(params, cfg["grad_clip"])  # rescale so the norm is <= grad_clip
+    else:
+        grad_norm = math.sqrt(sum(float((p.grad * p.grad).sum()) for p in params if p.grad is not None))
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        optimizer.zero_grad()
+        raise NonFiniteStep(f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} "
+                            f"at iteration {run.iter_num}")
+    optimizer.step()  # AdamW: each parameter moves against its gradient
+    optimizer.zero_grad()  # gradients add up, so clear them for the next step
+    return loss_sum, grad_norm
+
+
+# --- evaluation and checkpoints ------------------------------------------------------------------
+
+
+def estimate_loss(run: Run) -> dict:
+    """Mean loss of the model over eval_iters batches of each split. Its own RNG, seeded by
+    the iteration, so evaluating never changes the training batches (exact resume)."""
+    cfg = run.cfg
+    run.model.eval()
     out = {}
     with no_grad():
-        for name, data in splits.items():
-            rng = np.random.default_rng([cfg["seed"], iter_num, len(name)])
-            losses = [parallel.loss(*get_batch(data, cfg["batch_size"], cfg["block_size"], rng))
-                      for _ in range(cfg["eval_iters"])]
+        for name, data in (("train", run.train_ids), ("val", run.val_ids)):
+            rng = np.random.default_rng([cfg["seed"], run.iter_num, len(name)])
+            losses = []
+            for _ in range(cfg["eval_iters"]):
+                x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], rng)
+                losses.append(run.model(x, y)[1].item() if run.parallel is None else run.parallel.loss(x, y))
             out[name] = float(np.mean(losses))
-    model.train()
+    run.model.train()
     return out
+
+
+def save(run: Run) -> None:
+    """The checkpoint: weights, optimizer state, iteration, random streams, config, tokenizer."""
+    cfg, tokenizer = run.cfg, run.tokenizer
+    meta = {"config": {**cfg, "vocab_size": tokenizer.vocab_size}, "model_config": run.model.config.to_dict(),
+            "tokenizer": tokenizer.to_dict(), "iter_num": run.iter_num, "best_val": run.best_val,
+            "losses": run.losses, "data_rng": run.rng.bit_generator.state, "dropout_rng": backend.rng_state()}
+    save_checkpoint(run.out_dir / CHECKPOINT_NAME, run.model.state_dict(), meta, run.optimizer.state_dict())
+
+
+def evaluate_and_checkpoint(run: Run, say) -> None:
+    """Estimate train/val loss, log it, and write the checkpoint."""
+    run.losses = estimate_loss(run)
+    run.best_val = min(run.best_val, run.losses["val"])
+    run.log.write(json.dumps({"kind": "eval", "iter": run.iter_num, **run.losses}) + "\n")
+    run.log.flush()
+    say(f"iter {run.iter_num}: train loss {run.losses['train']:.4f}, val loss {run.losses['val']:.4f}")
+    save(run)
 
 
 def measure_matmul_flops(device: str, seconds: float = 0.3) -> float:
     """The machine's float32 matmul throughput (FLOP/s), the ceiling for MFU."""
-    from tinygrad_lite import backend
-    xp = backend.namespace(device)
     n = 512
     a = backend.randn((n, n), device)
     b = backend.randn((n, n), device)
@@ -160,7 +315,6 @@ def measure_matmul_flops(device: str, seconds: float = 0.3) -> float:
         c = a @ b
         runs += 1
     float(c[0, 0])  # wait for the device
-    del xp
     return 2 * n ** 3 * runs / (time.perf_counter() - start)
 
 
@@ -194,173 +348,82 @@ def plot_losses(log_path: Path, png_path: Path) -> bool:
     return True
 
 
-# --- the training run ----------------------------------------------------------------------
-
-
-def auto_shards(model, cfg: dict) -> int:
-    """One data-parallel shard per CPU core, if a step is big enough (>= 1e8 FLOPs, about
-    a millisecond of matmul) to pay for starting the worker processes; else 1."""
-    from tinygrad_lite import backend
-    tokens = cfg["batch_size"] * cfg["block_size"]
-    if cfg["device"] != "cpu" or cfg["batch_size"] < 2 or model.flops_per_token() * tokens < 1e8:
-        return 1
-    return backend.THREADS
+# --- the training run ----------------------------------------------------------------------------
 
 
 def train(cfg: dict, args: argparse.Namespace) -> dict:
-    from tinygrad_lite import backend, optim
-    from tinygrad_lite.parallel import DataParallel
-    from model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
-    from model.data import encode_dataset, get_batch
-    from model.gpt import GPT, GPTConfig
-    from model.tokenizer import make_tokenizer, tokenizer_from_dict
-
-    out_dir = Path(cfg["out_dir"])
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    backend.set_default_device(cfg["device"])
-    backend.manual_seed(cfg["seed"])
-
-    # 1. the checkpoint to start from, if any
-    checkpoint = None
-    if args.resume:
-        checkpoint = load_checkpoint(ckpt_path)  # CheckpointError on any problem
-        check_training_header(checkpoint[1], ckpt_path)
-        saved = checkpoint[1]
-        for key in ARCH_KEYS + ("tokenizer",):  # the architecture comes from the checkpoint
-            cfg[key] = saved["config"][key]
-        if saved["config"].get("data") and not cfg.get("data"):
-            cfg["data"] = saved["config"]["data"]
-    elif args.init_from:
-        checkpoint = load_checkpoint(Path(args.init_from) / CHECKPOINT_NAME)
-        check_training_header(checkpoint[1], Path(args.init_from) / CHECKPOINT_NAME)
-        for key in ARCH_KEYS:
-            cfg[key] = checkpoint[1]["config"][key]
-
-    # 2. data and tokenizer
-    text = load_training_text(cfg)
-    if checkpoint is not None:
-        tokenizer = tokenizer_from_dict(checkpoint[1]["tokenizer"])
-    else:
-        tokenizer = make_tokenizer(cfg["tokenizer"], text)
-    train_ids, val_ids = encode_dataset(text, tokenizer, out_dir / "data")
-    for name, ids in (("train", train_ids), ("val", val_ids)):
-        if len(ids) < cfg["block_size"] + 1:
-            raise UserError(f"the {name} split has {len(ids)} tokens; block_size {cfg['block_size']} "
-                            f"needs at least {cfg['block_size'] + 1} (use more text or a smaller --block-size)")
-
-    # 3. model and optimizer
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                       n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
-                       bias=cfg["bias"], pos=cfg["pos"])
-    model = GPT(config)
-    optimizer = optim.AdamW(model.optimizer_groups(cfg["weight_decay"]), lr=cfg["lr"],
-                            betas=(cfg["beta1"], cfg["beta2"]))
-    # each batch is split over the CPU cores, one shard per core (tinygrad_lite/parallel.py)
-    parallel = DataParallel(model, shards=args.shards if args.shards is not None else auto_shards(model, cfg))
-    rng = np.random.default_rng(cfg["seed"])  # the training batches
-    iter_num, best_val = 0, math.inf
-    if checkpoint is not None:
-        model_state, meta, optim_state = checkpoint
-        try:
-            model.load_state_dict(model_state)
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint does not fit this model: {e}") from None
-        if args.resume:
-            if optim_state is None:
-                raise CheckpointError(f"{ckpt_path} has no optimizer state; cannot resume exactly")
-            optimizer.load_state_dict(optim_state)
-            iter_num, best_val = meta["iter_num"], meta.get("best_val", math.inf)
-            rng.bit_generator.state = meta["data_rng"]
-            backend.set_rng_state(meta["dropout_rng"])
-
-    def checkpoint_now(losses: dict | None) -> None:
-        meta = {"config": {**cfg, "vocab_size": tokenizer.vocab_size}, "model_config": config.to_dict(),
-                "tokenizer": tokenizer.to_dict(), "iter_num": iter_num, "best_val": best_val,
-                "losses": losses, "data_rng": rng.bit_generator.state,
-                "dropout_rng": backend.rng_state()}
-        save_checkpoint(ckpt_path, model.state_dict(), meta, optimizer.state_dict())
-
-    # 4. the loop
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "log.jsonl"
-    log = open(log_path, "a")
+    """Set up, then alternate evaluation + checkpoint (every eval_interval) and train steps."""
+    run = setup(cfg, args)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run.out_dir / "log.jsonl"
+    run.log = open(log_path, "a")
     tokens_per_iter = cfg["batch_size"] * cfg["block_size"] * cfg["grad_accum"]
     peak_flops = measure_matmul_flops(cfg["device"])
-    print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {config}", file=sys.stderr)
-    print(f"data: {len(train_ids):,} train / {len(val_ids):,} val tokens, vocab {tokenizer.vocab_size}; "
-          f"{tokens_per_iter} tokens/iter; device {cfg['device']}"
-          f"{f' ({parallel.shards} data-parallel shards)' if parallel.shards > 1 else ''}; "
-          f"matmul peak {peak_flops / 1e9:.0f} GFLOP/s",
-          file=sys.stderr)
+    shards = run.parallel.shards if run.parallel is not None else 1
+    print(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters, {run.model.config}", file=sys.stderr)
+    print(f"data: {len(run.train_ids):,} train / {len(run.val_ids):,} val tokens, vocab {run.tokenizer.vocab_size}; "
+          f"{tokens_per_iter} tokens/iter; device {cfg['device']}; ops {args.ops}"
+          f"{f' ({shards} data-parallel shards)' if shards > 1 else ''}; "
+          f"matmul peak {peak_flops / 1e9:.0f} GFLOP/s", file=sys.stderr)
     progress = None
-    if not args.no_progress and iter_num < cfg["max_iters"]:
+    if not args.no_progress and run.iter_num < cfg["max_iters"]:
         from tqdm import tqdm
-        progress = tqdm(total=cfg["max_iters"], initial=iter_num, unit="it", file=sys.stderr,
-                        dynamic_ncols=True)
-    losses, start, timed_tokens = None, time.perf_counter(), 0
-    while True:
-        if iter_num % cfg["eval_interval"] == 0 or iter_num >= cfg["max_iters"]:
-            losses = estimate_loss(parallel, {"train": train_ids, "val": val_ids}, cfg, iter_num)
-            best_val = min(best_val, losses["val"])
-            log.write(json.dumps({"kind": "eval", "iter": iter_num, **losses}) + "\n")
-            log.flush()
-            message = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-            (progress.write if progress else lambda m: print(m, file=sys.stderr))(message)
-            checkpoint_now(losses)
-        if iter_num >= cfg["max_iters"]:
-            break
-
-        lr = optim.cosine_lr(iter_num, cfg["lr"], cfg["min_lr"], cfg["warmup_iters"], cfg["lr_decay_iters"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_start = time.perf_counter()
-        loss_sum = 0.0
-        for _ in range(cfg["grad_accum"]):
-            x, y = get_batch(train_ids, cfg["batch_size"], cfg["block_size"], rng)
-            # forward, loss, backward (on every shard); the gradients add up in .grad
-            loss_sum += parallel.forward_backward(x, y, scale=1.0 / cfg["grad_accum"]) / cfg["grad_accum"]
-        grad_norm = optim.clip_grad_norm(model.parameters(), cfg["grad_clip"]) if cfg["grad_clip"] > 0 else \
-            math.sqrt(sum(float((p.grad * p.grad).sum()) for p in model.parameters() if p.grad is not None))
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            optimizer.zero_grad()
-            what = f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient norm'} at iteration {iter_num}"
-            if not args.skip_nonfinite:
-                raise UserError(f"{what}; stopped, the last good checkpoint {ckpt_path} is kept "
-                                "(lower --lr, or pass --skip-nonfinite)")
-            (progress.write if progress else print)(f"{what}: step skipped")
-            iter_num += 1
-            continue
-        optimizer.step()
-        optimizer.zero_grad()
-        iter_num += 1
-        step_time = time.perf_counter() - step_start
-        if iter_num > 1:  # the first step warms up caches: leave it out of the speed
-            timed_tokens += tokens_per_iter
-        else:
-            start = time.perf_counter()
-        tok_s = tokens_per_iter / step_time
-        mfu = model.flops_per_token() * tok_s / peak_flops
-        log.write(json.dumps({"kind": "train", "iter": iter_num, "loss": loss_sum, "lr": lr,
-                              "grad_norm": grad_norm, "ms": step_time * 1000, "tok_s": tok_s}) + "\n")
+        progress = tqdm(total=cfg["max_iters"], initial=run.iter_num, unit="it", file=sys.stderr, dynamic_ncols=True)
+    say = progress.write if progress else (lambda m: print(m, file=sys.stderr))
+    start, timed_tokens = time.perf_counter(), 0
+    try:
+        while True:
+            if run.iter_num % cfg["eval_interval"] == 0 or run.iter_num >= cfg["max_iters"]:
+                evaluate_and_checkpoint(run, say)
+            if run.iter_num >= cfg["max_iters"]:
+                break
+            lr = optim.cosine_lr(run.iter_num, cfg["lr"], cfg["min_lr"], cfg["warmup_iters"], cfg["lr_decay_iters"])
+            step_start = time.perf_counter()
+            try:
+                loss, grad_norm = train_step(run, lr)
+            except NonFiniteStep as e:
+                if not args.skip_nonfinite:
+                    raise UserError(f"{e}; stopped, the last good checkpoint {run.out_dir / CHECKPOINT_NAME} "
+                                    "is kept (lower --lr, or pass --skip-nonfinite)") from None
+                say(f"{e}: step skipped")
+                run.iter_num += 1
+                continue
+            run.iter_num += 1
+            step_time = time.perf_counter() - step_start
+            if run.iter_num > 1:  # the first step warms up caches: leave it out of the speed
+                timed_tokens += tokens_per_iter
+            else:
+                start = time.perf_counter()
+            tok_s = tokens_per_iter / step_time
+            run.log.write(json.dumps({"kind": "train", "iter": run.iter_num, "loss": loss, "lr": lr,
+                                      "grad_norm": grad_norm, "ms": step_time * 1000, "tok_s": tok_s}) + "\n")
+            if progress:
+                mfu = run.model.flops_per_token() * tok_s / peak_flops
+                progress.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | MFU {100 * mfu:.0f}%")
+                progress.update(1)
+    finally:
         if progress:
-            progress.set_postfix_str(f"loss {loss_sum:.3f} | {tok_s:,.0f} tok/s | MFU {100 * mfu:.0f}%")
-            progress.update(1)
-    if progress:
-        progress.close()
-    log.close()
-    parallel.close()
-    elapsed = time.perf_counter() - start
-    summary = {"iter_num": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-               "best_val": best_val, "tokens_per_s": timed_tokens / elapsed if timed_tokens else None}
-    if summary["tokens_per_s"]:
-        mfu = model.flops_per_token() * summary["tokens_per_s"] / peak_flops
-        print(f"done: {summary['tokens_per_s']:,.0f} tokens/s, MFU {100 * mfu:.1f}% "
+            progress.close()
+        run.log.close()
+        if run.parallel is not None:
+            run.parallel.close()
+    return summarize(run, log_path, timed_tokens / (time.perf_counter() - start) if timed_tokens else None,
+                     peak_flops)
+
+
+def summarize(run: Run, log_path: Path, tokens_per_s: float | None, peak_flops: float) -> dict:
+    """Print and return the run's final figures; draw the loss curve."""
+    losses = run.losses
+    summary = {"iter_num": run.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+               "best_val": run.best_val, "tokens_per_s": tokens_per_s}
+    if tokens_per_s:
+        summary["mfu"] = run.model.flops_per_token() * tokens_per_s / peak_flops
+        print(f"done: {tokens_per_s:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}% "
               f"of {peak_flops / 1e9:.0f} GFLOP/s", file=sys.stderr)
-        summary["mfu"] = mfu
-    print(f"final: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}; checkpoint {ckpt_path}",
-          file=sys.stderr)
-    if plot_losses(log_path, out_dir / "loss.png"):
-        print(f"loss curve: {out_dir / 'loss.png'}", file=sys.stderr)
+    print(f"final: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}; "
+          f"checkpoint {run.out_dir / CHECKPOINT_NAME}", file=sys.stderr)
+    if plot_losses(log_path, run.out_dir / "loss.png"):
+        print(f"loss curve: {run.out_dir / 'loss.png'}", file=sys.stderr)
     return summary
 
 
@@ -369,7 +432,9 @@ def main(argv=None) -> int:
     try:
         cfg = resolve_config(args)
         cfg["data"] = args.data
-        train(cfg, args)
+        cpu.tune()  # this process's malloc and threads (tinygrad_lite/cpu.py)
+        with ops_tier(args.ops):
+            train(cfg, args)
         return 0
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)

@@ -11,9 +11,11 @@ Writes bench/results/decode_speed.json.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -31,7 +33,7 @@ if "--threads" in sys.argv[:-1] and os.environ.get("DECODE_SPEED_THREADS") is No
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import tinygrad_lite  # noqa: E402
-from tinygrad_lite import backend  # noqa: E402
+from tinygrad_lite import backend, cpu  # noqa: E402
 from model.generate import stream  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
 
@@ -94,6 +96,7 @@ def main() -> int:
                    help="cached runs of each framework, alternating; the median is reported (min-max kept)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode_speed.json"))
     args = p.parse_args()
+    cpu.tune()  # malloc and threads, as train.py and sample.py do (tinygrad_lite/cpu.py)
     if args.device:
         backend.set_default_device(args.device)
     if max(args.lengths) > CONFIG["block_size"] or min(args.lengths) <= args.decode_tokens:

@@ -9,6 +9,9 @@ backward pass, and what is left outside the ops (optimizer, clipping, Python).
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
 import argparse
 import sys
 import time
@@ -20,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.gpt import GPT, GPTConfig  # noqa: E402
-from tinygrad_lite import manual_seed, optim  # noqa: E402
+from tinygrad_lite import cpu, manual_seed, optim  # noqa: E402
 from tinygrad_lite.profiler import format_table, profile_ops  # noqa: E402
 from train import PRESETS  # noqa: E402
 
@@ -29,6 +32,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
+    cpu.tune()  # malloc and threads, as train.py does (tinygrad_lite/cpu.py)
     cfg = PRESETS["shakespeare-char-cpu"]
     manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, block_size=cfg["block_size"], n_layer=cfg["n_layer"],

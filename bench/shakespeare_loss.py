@@ -8,6 +8,9 @@ reaches about 1.88-1.90 val loss; the target here is <= 1.90.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
 import argparse
 import json
 import platform

@@ -12,6 +12,9 @@ the eval losses every 250 iterations and a JSON line.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
 import argparse
 import json
 import sys

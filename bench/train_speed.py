@@ -18,10 +18,12 @@ Results: a table on stdout and bench/results/train_speed.json.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
 import argparse
 import importlib.util
 import json
-import os
 import platform
 import resource
 import statistics
@@ -72,8 +74,9 @@ def batches(n: int, seed: int = SEED) -> list[tuple[np.ndarray, np.ndarray]]:
 def tinygrad_setup(seed: int = SEED):
     """(model, step function) for tinygrad_lite; step(x, y) -> loss, as train.py's loop."""
     from model.gpt import GPT, GPTConfig
-    from tinygrad_lite import backend, optim
+    from tinygrad_lite import backend, cpu, optim
     from tinygrad_lite.parallel import DataParallel
+    cpu.tune()  # malloc and threads, as train.py does (tinygrad_lite/cpu.py)
     backend.set_default_device("cpu")
     backend.manual_seed(seed)
     model = GPT(GPTConfig(**model_config()))

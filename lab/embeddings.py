@@ -33,6 +33,9 @@ characters is also too few to trust any one neighbour list.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
 import string
 import sys
 import time
@@ -42,6 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `python lab/embeddings.py`
 from lab.common import base_model, lab_parser, log, require_matplotlib, write_results  # noqa: E402
+from tinygrad_lite import cpu  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
 from tinygrad_lite import backend  # noqa: E402
 
@@ -136,6 +140,7 @@ def pca_2d(E: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def main(argv=None) -> int:
     args = lab_parser(__doc__).parse_args(argv)
+    cpu.tune()  # malloc and threads, as train.py does (tinygrad_lite/cpu.py)
     plt = require_matplotlib()
     out = Path(args.out)
     start = time.perf_counter()

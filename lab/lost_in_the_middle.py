@@ -63,6 +63,9 @@ of what and how long a model was trained on.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
 import string
 import sys
 import time
@@ -72,6 +75,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 from lab.common import TrainSpec, lab_parser, log, require_matplotlib, train_gpt, write_results  # noqa: E402
+from tinygrad_lite import cpu  # noqa: E402
 from model.tokenizer import make_tokenizer  # noqa: E402
 
 LETTERS = string.ascii_lowercase  # keys and values share one alphabet (see the docstring)
@@ -138,6 +142,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="training iterations (default 3500, quick 30)")
     parser.add_argument("--facts", type=int, default=None, help="facts in a test context (default 16, quick 4)")
     args = parser.parse_args(argv)
+    cpu.tune()  # malloc and threads, as train.py does (tinygrad_lite/cpu.py)
     plt = require_matplotlib()
     out = Path(args.out)
     start = time.perf_counter()

@@ -65,6 +65,9 @@ on trillions of tokens.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
 import sys
 import time
 from pathlib import Path
@@ -74,6 +77,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `python lab/scaling.py`
 from lab.common import (TrainSpec, eval_loss, lab_parser, lm_batches, log,  # noqa: E402
                         require_matplotlib, shakespeare_char, train_gpt, write_results)
+from tinygrad_lite import cpu  # noqa: E402
 
 # (n_layer, n_embd) of each model size, and training iterations of each token budget
 SIZES = [(1, 32), (2, 64), (3, 96), (4, 128)]
@@ -177,6 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=None,
                         help="FLOP budget C for the compute-optimal split (default: the largest run's 6ND)")
     args = parser.parse_args(argv)
+    cpu.tune()  # malloc and threads, as train.py does (tinygrad_lite/cpu.py)
     plt = require_matplotlib()
     out = Path(args.out)
     start = time.perf_counter()

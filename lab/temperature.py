@@ -37,6 +37,9 @@ nothing about the best temperature for a large model on a given task.
 """
 from __future__ import annotations
 
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
 import re
 import sys
 import time
@@ -46,6 +49,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `python lab/temperature.py`
 from lab.common import base_model, lab_parser, log, require_matplotlib, write_results  # noqa: E402
+from tinygrad_lite import cpu  # noqa: E402
 from model.data import load_text, shakespeare_path  # noqa: E402
 from model.generate import generate_with_logits  # noqa: E402
 
@@ -91,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=None, help="samples per temperature (default 8, quick 2)")
     parser.add_argument("--tokens", type=int, default=None, help="characters per sample (default 400, quick 40)")
     args = parser.parse_args(argv)
+    cpu.tune()  # malloc and threads, as train.py does (tinygrad_lite/cpu.py)
     plt = require_matplotlib()
     out = Path(args.out)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import math
 
 import tinygrad_lite.functional as F
 from tinygrad_lite import Tensor, nn, where
-from tinygrad_lite.fused import causal_mask
+from tinygrad_lite.ops import causal_mask
 
 from .kv_cache import KVCache
 from .rope import RotaryEmbedding
@@ -25,7 +25,8 @@ def self_attention(Q: Tensor, K: Tensor, V: Tensor, mask=None) -> tuple[Tensor, 
 
     Q (..., Tq, d_k), K (..., Tk, d_k), V (..., Tk, d_v); mask (Tq, Tk) bool, True where
     a query may NOT look. Returns (output (..., Tq, d_v), attention weights (..., Tq, Tk)).
-    The model uses the fused `F.scaled_dot_product_attention`; tests check both agree.
+    The model runs `F.scaled_dot_product_attention` (the same math, in the selected ops
+    tier), and this when it is asked to keep the weights; tests check both agree.
     """
     d_k = Q.shape[-1]
     scores = Q @ K.transpose(-2, -1) / math.sqrt(d_k)  # (..., Tq, Tk): how well each query matches each key
@@ -53,25 +54,29 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
                 start_pos: int = 0) -> Tensor:
         B, T, C = x.shape
-        hs = C // self.n_head
-        qkv = self.c_attn(x)  # (B, T, 3C)
+        qkv = self.c_attn(x)  # (B, T, 3C): Q, K and V of every head in one matmul
         dropout = self.dropout if self.training else 0.0
-        if self.rope is None and not self.keep_weights:
-            # fast path: split heads, (append to the KV cache,) attend, merge heads: one fused op
-            kv = cache.buffers(layer, start_pos, T) if cache is not None else None
-            return self.resid_dropout(self.c_proj(F.causal_self_attention(qkv, self.n_head, dropout, kv)))
-        q, k, v = qkv.split(3, axis=2)  # 3 x (B, T, C)
-        q = q.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.reshape(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.rope is None and not self.keep_weights and F.has_packed_attention():
+            # the fast ops tier does all of the below in one kernel, on views of qkv
+            kv = None
+            if cache is not None:
+                cache.write_packed(layer, qkv, start_pos)
+                kv = cache.read(layer, start_pos + T)
+            return self.resid_dropout(self.c_proj(F.packed_causal_attention(qkv, self.n_head, dropout, kv)))
+        q, k, v = (self.split_heads(t) for t in qkv.split(3, axis=2))  # 3 x (B, nh, T, hs)
         if self.rope is not None:  # rotate queries and keys by their absolute positions
             q, k = self.rope(q, start_pos), self.rope(k, start_pos)
-        if cache is not None:  # decode: append this step's K, V and attend to all cached ones
-            k, v = cache.update(layer, k, v, start_pos)  # (B, nh, start_pos + T, hs)
+        if cache is not None:  # decode: store this step's K, V and attend to every cached one
+            cache.write(layer, k, v, start_pos)
+            k, v = cache.read(layer, start_pos + T)  # (B, nh, start_pos + T, hs)
         if self.keep_weights:
-            mask = causal_mask(q.xp, T, k.shape[-2])
-            y, self.last_weights = self_attention(q, k, v, mask)
+            y, self.last_weights = self_attention(q, k, v, causal_mask(q.xp, T, k.shape[-2]))
         else:
-            y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        """(B, T, C) -> (B, nh, T, hs): each head gets its own slice of the features."""
+        B, T, C = x.shape
+        return x.reshape(B, T, self.n_head, C // self.n_head).transpose(1, 2)

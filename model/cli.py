@@ -17,6 +17,17 @@ class UserError(Exception):
 USER_ERRORS = (UserError, ValueError, RuntimeError, OSError)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with "(default: X)" after a flag's help, but only where X says something: not
+    for flags whose default is None (their help says where the value comes from) or for
+    on/off switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr (not usage + message) and exit code 2."""
 

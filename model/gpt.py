@@ -120,6 +120,8 @@ class GPT(nn.Module):
         x = self.drop(x)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer, start_pos)  # (B, T, C)
+        if cache is not None:
+            cache.pos = start_pos + T  # every layer has stored its keys and values for these
         x = self.ln_f(x)
         logits = F.linear(x, self.wte.weight)  # (B, T, V): tied output head
         loss = F.cross_entropy(logits, targets) if targets is not None else None

@@ -5,6 +5,10 @@ causal: earlier tokens never look at later ones). So we keep every layer's K and
 preallocated buffers and, for each new token, compute only its own q, k, v: the new
 token's query attends to all cached keys. Prefill fills the cache for the whole prompt
 in one parallel pass; decode then adds one position per step.
+
+Each layer writes its keys and values (`write`) and reads back all of them so far
+(`read`); reading changes nothing. `pos`, how many positions are valid, moves when the
+model has run every layer for the new positions (GPT.forward sets it).
 """
 from __future__ import annotations
 
@@ -20,28 +24,31 @@ class KVCache:
         shape = (batch_size, n_head, max_len, head_size)
         self.k = [xp.zeros(shape, dtype=dtype) for _ in range(n_layer)]
         self.v = [xp.zeros(shape, dtype=dtype) for _ in range(n_layer)]
-        self.max_len = max_len
+        self.n_head, self.head_size, self.max_len = n_head, head_size, max_len
         self.pos = 0  # how many positions hold valid keys/values
 
     def reset(self) -> None:
         """Forget everything (the buffers are reused, not reallocated)."""
         self.pos = 0
 
-    def buffers(self, layer: int, start_pos: int, T: int) -> tuple:
-        """(k_buffer, v_buffer, start_pos) for an op that writes T positions at start_pos itself."""
-        end = start_pos + T
+    def write(self, layer: int, k, v, start_pos: int) -> None:
+        """Store k, v (B, nh, T, hs), Tensors or arrays, at positions start_pos .. start_pos+T-1."""
+        k, v = (t.data if isinstance(t, Tensor) else t for t in (k, v))
+        end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
         if start_pos > self.pos:
             raise ValueError(f"KV cache has {self.pos} positions; cannot write at {start_pos}")
-        if layer == len(self.k) - 1:
-            self.pos = end
-        return self.k[layer], self.v[layer], start_pos
+        self.k[layer][:, :, start_pos:end] = k
+        self.v[layer][:, :, start_pos:end] = v
 
-    def update(self, layer: int, k: Tensor, v: Tensor, start_pos: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, nh, T, hs) at start_pos; return all keys/values so far (B, nh, start_pos+T, hs)."""
-        k_buf, v_buf, _ = self.buffers(layer, start_pos, k.shape[2])
-        end = start_pos + k.shape[2]
-        k_buf[:, :, start_pos:end] = k.data
-        v_buf[:, :, start_pos:end] = v.data
-        return Tensor(k_buf[:, :, :end]), Tensor(v_buf[:, :, :end])
+    def write_packed(self, layer: int, qkv: Tensor, start_pos: int) -> None:
+        """Store the keys and values of c_attn's packed output qkv (B, T, 3C)."""
+        B, T, C3 = qkv.shape
+        heads = qkv.data.reshape(B, T, 3, self.n_head, self.head_size)  # a view
+        k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in (1, 2))  # 2 x (B, nh, T, hs) views
+        self.write(layer, k, v, start_pos)
+
+    def read(self, layer: int, end: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions 0 .. end-1: 2 x (B, nh, end, hs), views of the buffers."""
+        return Tensor(self.k[layer][:, :, :end]), Tensor(self.v[layer][:, :, :end])

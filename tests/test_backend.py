@@ -27,6 +27,7 @@ NUMPY_ALLOWED = {
     "tinygrad_lite/backend.py": "the backend: it picks NumPy or CuPy and does host copies",
     "tinygrad_lite/strict_array.py": "the strict CuPy stand-in wraps NumPy arrays",
     "tinygrad_lite/parallel.py": "CPU-only by design: shards share weights in host shared memory (a GPU runs one shard)",
+    "tinygrad_lite/cpu.py": "the CPU-speed knobs: its thread pool splits host NumPy arrays only (CuPy gets one block)",
     "model/data.py": "host-side data pipeline: token files and batches, never tensor data",
     "model/tokenizer.py": "host-side text <-> token ids, never tensor data",
     "model/checkpoint.py": "host-side checkpoint I/O of arrays already copied off the device",
@@ -218,83 +219,3 @@ def test_rng_state_round_trip_reproduces_the_next_draws():
     second = [Tensor.randn(4).numpy(), backend.to_numpy(backend.rand((3,), backend.default_device()))]
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
-
-
-def test_parallel_rows_on_a_big_array_matches_one_call():
-    """Big kernels run in row blocks on threads; the result must not depend on the split."""
-    import tinygrad_lite.functional as F
-    from tinygrad_lite import composed
-    x = np.random.default_rng(0).standard_normal((513, 257)).astype(np.float32)  # rows not divisible
-    assert x.size >= backend.PARALLEL_MIN_SIZE
-    t = Tensor(x, requires_grad=True)
-    fast = F.gelu(t)
-    fast.sum().backward()
-    ref_in = Tensor(x, requires_grad=True)
-    ref = composed.gelu(ref_in)
-    ref.sum().backward()
-    np.testing.assert_allclose(fast.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(backend.to_numpy(t.grad), backend.to_numpy(ref_in.grad), rtol=1e-4, atol=1e-5)
-
-    w, b = (Tensor(np.random.default_rng(i).standard_normal(257).astype(np.float32), requires_grad=True)
-            for i in (1, 2))
-    for fn in (F.layer_norm, composed.layer_norm):
-        t = Tensor(x, requires_grad=True)
-        y = fn(t, w, b)
-        (y * y).sum().backward()
-        if fn is F.layer_norm:
-            fast_y, fast_grads = y.numpy(), [backend.to_numpy(p.grad) for p in (t, w, b)]
-            w.grad = b.grad = None
-    np.testing.assert_allclose(fast_y, y.numpy(), rtol=1e-4, atol=1e-4)
-    for fast_g, p in zip(fast_grads, (t, w, b)):
-        np.testing.assert_allclose(fast_g, backend.to_numpy(p.grad), rtol=1e-3, atol=1e-3)
-
-    out = np.empty_like(x)
-    backend.parallel_rows(lambda a, o: np.multiply(a, 2, out=o), x, out)
-    np.testing.assert_array_equal(out, x * 2)
-
-
-def test_chunked_parallel_rows_runs_cache_sized_pieces():
-    x = np.arange(5 * backend.CHUNK_ELEMENTS // 2, dtype=np.float32).reshape(-1, 2)  # 2.5 chunks
-    out, pieces = np.empty_like(x), []
-
-    def kernel(a, o):
-        pieces.append(a.size)
-        np.multiply(a, 2, out=o)
-    with backend.serial_kernels():  # pieces only when one thread runs the kernel
-        backend.parallel_rows(kernel, x, out, chunked=True)
-    np.testing.assert_array_equal(out, x * 2)
-    assert max(pieces) <= backend.CHUNK_ELEMENTS and sum(pieces) == x.size and len(pieces) >= 3
-
-
-def test_threaded_packed_attention_matches_the_composed_one():
-    """A batch big enough to be split across threads gives the same values and grads."""
-    import tinygrad_lite.functional as F
-    from tinygrad_lite import composed
-    x = np.random.default_rng(3).standard_normal((5, 64, 3 * 72)).astype(np.float32)  # odd batch
-    assert x.size >= backend.PARALLEL_MIN_SIZE
-    results = []
-    for fn in (lambda t: F.causal_self_attention(t, 4), lambda t: composed.causal_self_attention(t, 4)):
-        t = Tensor(x, requires_grad=True)
-        y = fn(t)
-        (y * y).sum().backward()
-        results.append((y.numpy(), backend.to_numpy(t.grad)))
-    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-4)
-    blocks = backend.row_blocks(x)
-    assert len(blocks) == min(backend.THREADS, 5)
-    assert sum(len(range(5)[b]) for b in blocks) == 5
-
-
-def test_import_asks_openblas_for_a_short_worker_spin():
-    """tinygrad_lite sets OPENBLAS_THREAD_TIMEOUT (unless the user did), for BLAS loaded after it."""
-    code = ("import os; os.environ.pop('OPENBLAS_THREAD_TIMEOUT', None); import tinygrad_lite; "
-            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'])")
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parent.parent)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "10"
-    env["OPENBLAS_THREAD_TIMEOUT"] = "20"
-    done = subprocess.run([sys.executable, "-c", "import os, tinygrad_lite; print(os.environ['OPENBLAS_THREAD_TIMEOUT'])"],
-                          capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent)
-    assert done.stdout.strip() == "20"  # the user's choice wins

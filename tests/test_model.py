@@ -77,7 +77,7 @@ def test_standalone_self_attention_equals_fused(Tq, Tk):
     q = Tensor(rng.standard_normal((2, 3, Tq, 4)), requires_grad=True)
     k = Tensor(rng.standard_normal((2, 3, Tk, 4)), requires_grad=True)
     v = Tensor(rng.standard_normal((2, 3, Tk, 4)), requires_grad=True)
-    from tinygrad_lite.fused import causal_mask
+    from tinygrad_lite.ops import causal_mask
     out, weights = self_attention(q, k, v, causal_mask(q.xp, Tq, Tk))
     fused = F.scaled_dot_product_attention(q, k, v, causal=True)
     np.testing.assert_allclose(out.numpy(), fused.numpy(), rtol=1e-10, atol=1e-12)

@@ -81,7 +81,6 @@ UNARY = {  # name -> (function, values strategy factory)
     "ReLU": (Tensor.relu, lambda s: away_from_zero(s, 0.05)),  # stay off the kink at 0
     "Tanh": (Tensor.tanh, lambda s: arrays(s, -3, 3)),
     "Sigmoid": (Tensor.sigmoid, lambda s: arrays(s, -5, 5)),
-    "GELU": (Tensor.gelu, lambda s: arrays(s, -4, 4)),
     "Cast": (lambda x: x.astype("float64"), lambda s: arrays(s)),
 }
 
@@ -199,17 +198,33 @@ def test_concatenate_stack_split(data):
               name="split")
 
 
-# --- fused ops -------------------------------------------------------------------------
+# --- the ops with three tiers (primitive, fused, fast) ------------------------------------
+# Each test runs in every tier and names the Function classes it checks: the fused tier's
+# (Fused...) and the fast tier's (Fast...; where the fast tier reuses a fused op, that one).
+# The primitive tier has no classes of its own: its gradients are the primitives'.
+
+TIERS = sorted(F.TIERS)
 
 
-@checks("Softmax", "LogSoftmax")
+@checks("FusedGELU", "FastGELU")
+@pytest.mark.parametrize("tier", TIERS)
 @given(data=st.data())
-def test_softmax_log_softmax(data):
+def test_gelu(tier, data):
+    x = tensor(data.draw(arrays(data.draw(shapes()), -4, 4)))
+    with F.ops_tier(tier):
+        gradcheck(F.gelu, [x], name=f"{tier} GELU")
+
+
+@checks("FusedSoftmax", "FusedLogSoftmax", "FastSoftmax")
+@pytest.mark.parametrize("tier", TIERS)
+@given(data=st.data())
+def test_softmax_log_softmax(tier, data):
     shape = data.draw(shapes(min_dims=1))
     axis = data.draw(st.integers(-len(shape), len(shape) - 1))
     x = tensor(data.draw(arrays(shape, -4, 4)))
-    gradcheck(lambda x: x.softmax(axis), [x], name="Softmax")
-    gradcheck(lambda x: x.log_softmax(axis), [x], name="LogSoftmax")
+    with F.ops_tier(tier):
+        gradcheck(lambda x: x.softmax(axis), [x], name=f"{tier} Softmax")
+        gradcheck(lambda x: x.log_softmax(axis), [x], name=f"{tier} LogSoftmax")
 
 
 @st.composite
@@ -229,63 +244,74 @@ def hnp_ints(shape, upper):
     return hnp.arrays(np.int64, shape, elements=st.integers(0, upper - 1))
 
 
-@checks("CrossEntropy")
+@checks("FusedCrossEntropy")
+@pytest.mark.parametrize("tier", TIERS)
 @given(case=logits_and_targets())
-def test_cross_entropy(case):
+def test_cross_entropy(tier, case):
     logits, targets, ignore = case
-    gradcheck(lambda x: F.cross_entropy(x, targets, ignore_index=ignore), [tensor(logits)],
-              name="CrossEntropy")
+    with F.ops_tier(tier):
+        gradcheck(lambda x: F.cross_entropy(x, targets, ignore_index=ignore), [tensor(logits)],
+                  name=f"{tier} CrossEntropy")
 
 
-@checks("LayerNorm")
+@checks("FusedLayerNorm", "FastLayerNorm")
+@pytest.mark.parametrize("tier", TIERS)
 @given(data=st.data(), with_bias=st.booleans())
-def test_layer_norm(data, with_bias):
+def test_layer_norm(tier, data, with_bias):
     shape = data.draw(shapes(min_dims=1))
     C = shape[-1] if shape[-1] > 1 else 2
     shape = shape[:-1] + (C,)
     x = tensor(data.draw(arrays(shape)) + data.draw(distinct((C,))) * 0.5)  # rows not constant
     w, b = tensor(data.draw(arrays((C,)))), tensor(data.draw(arrays((C,))))
-    if with_bias:
-        gradcheck(F.layer_norm, [x, w, b], name="LayerNorm")
-    else:
-        gradcheck(lambda x, w: F.layer_norm(x, w, None), [x, w], name="LayerNorm (no bias)")
+    with F.ops_tier(tier):
+        if with_bias:
+            gradcheck(F.layer_norm, [x, w, b], name=f"{tier} LayerNorm")
+        else:
+            gradcheck(lambda x, w: F.layer_norm(x, w, None), [x, w], name=f"{tier} LayerNorm (no bias)")
 
 
-@checks("Linear")
+@checks("FusedLinear")
+@pytest.mark.parametrize("tier", TIERS)
 @given(data=st.data(), with_bias=st.booleans())
-def test_linear(data, with_bias):
+def test_linear(tier, data, with_bias):
     lead = data.draw(shapes(min_dims=1, max_dims=2))
     n_in, n_out = data.draw(small_dims), data.draw(small_dims)
     x = tensor(data.draw(arrays(lead + (n_in,))))
     w, b = tensor(data.draw(arrays((n_out, n_in)))), tensor(data.draw(arrays((n_out,))))
-    if with_bias:
-        gradcheck(F.linear, [x, w, b], name="Linear")
-    else:
-        gradcheck(lambda x, w: F.linear(x, w), [x, w], name="Linear (no bias)")
+    with F.ops_tier(tier):
+        if with_bias:
+            gradcheck(F.linear, [x, w, b], name=f"{tier} Linear")
+        else:
+            gradcheck(lambda x, w: F.linear(x, w), [x, w], name=f"{tier} Linear (no bias)")
 
 
-@checks("Embedding")
+@checks("FusedEmbedding", "FastEmbedding")
+@pytest.mark.parametrize("tier", TIERS)
 @given(data=st.data())
-def test_embedding(data):
+def test_embedding(tier, data):
     V, C = data.draw(st.integers(1, 6)), data.draw(small_dims)
     ids = data.draw(hnp_ints(data.draw(shapes(min_dims=1, max_dims=2)), V))  # repeats likely
-    gradcheck(lambda w: F.embedding(w, ids), [tensor(data.draw(arrays((V, C))))], name="Embedding")
+    with F.ops_tier(tier):
+        gradcheck(lambda w: F.embedding(w, ids), [tensor(data.draw(arrays((V, C))))], name=f"{tier} Embedding")
 
 
-@checks("Dropout")
+@checks("FusedDropout")
+@pytest.mark.parametrize("tier", TIERS)
 @given(data=st.data(), p=st.sampled_from([0.1, 0.5, 0.9]))
-def test_dropout(data, p):
+def test_dropout(tier, data, p):
     x = tensor(data.draw(arrays(data.draw(shapes(min_dims=1)))))
 
     def dropped(x):
         backend.manual_seed(7)  # the same mask every call, so finite differences see one function
         return F.dropout(x, p, training=True)
-    gradcheck(dropped, [x], name="Dropout")
+    with F.ops_tier(tier):
+        gradcheck(dropped, [x], name=f"{tier} Dropout")
 
 
-@checks("Attention")
+@checks("FusedAttention", "FastAttention")
+@pytest.mark.parametrize("tier", TIERS)
 @given(data=st.data(), causal=st.booleans(), dropout=st.sampled_from([0.0, 0.3]))
-def test_attention(data, causal, dropout):
+def test_attention(tier, data, causal, dropout):
     B, H, D = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 2)), data.draw(small_dims)
     Tk = data.draw(small_dims)
     Tq = data.draw(st.integers(1, Tk))
@@ -295,10 +321,11 @@ def test_attention(data, causal, dropout):
     def attention(q, k, v):
         backend.manual_seed(3)
         return F.scaled_dot_product_attention(q, k, v, causal=causal, dropout_p=dropout)
-    gradcheck(attention, [q, k, v], name="Attention")
+    with F.ops_tier(tier):
+        gradcheck(attention, [q, k, v], name=f"{tier} Attention")
 
 
-@checks("PackedAttention")
+@checks("FastPackedAttention")
 @given(data=st.data(), dropout=st.sampled_from([0.0, 0.3]))
 def test_packed_attention(data, dropout):
     B, T, H, D = data.draw(st.integers(1, 2)), data.draw(small_dims), data.draw(st.integers(1, 2)), data.draw(small_dims)
@@ -306,8 +333,9 @@ def test_packed_attention(data, dropout):
 
     def attention(qkv):
         backend.manual_seed(3)
-        return F.causal_self_attention(qkv, H, dropout_p=dropout)
-    gradcheck(attention, [qkv], name="PackedAttention")
+        return F.packed_causal_attention(qkv, H, dropout_p=dropout)
+    with F.ops_tier("fast"):  # the only tier with a packed kernel
+        gradcheck(attention, [qkv], name="FastPackedAttention")
 
 
 # --- the meta-test ----------------------------------------------------------------------------
@@ -318,4 +346,32 @@ def test_every_op_has_a_gradient_test():
            if cls.__module__.startswith("tinygrad_lite.") and "forward" in vars(cls)}
     missing = sorted(ops - GRADIENT_TESTED)
     assert not missing, f"ops without a Hypothesis gradient check: {missing}"
-    assert len(ops) >= 25, sorted(ops)
+    assert len(ops) >= 35, sorted(ops)  # 21 primitives, 9 fused, 6 fast
+
+
+def test_every_tier_has_every_op():
+    """Each tier module offers the same functions, so switching tiers never breaks a model."""
+    names = ("gelu", "softmax", "log_softmax", "cross_entropy", "layer_norm", "linear", "embedding",
+             "dropout", "scaled_dot_product_attention")
+    for tier, module in F.TIERS.items():
+        missing = [n for n in names if not callable(getattr(module, n, None))]
+        assert not missing, f"tier {tier} lacks {missing}"
+
+
+def test_tier_switch_selects_and_restores():
+    x = tensor(np.linspace(-2, 2, 6).reshape(2, 3))
+    assert F.get_ops_tier() == "fast"
+    ran = {}
+    for tier in F.TIERS:
+        with F.ops_tier(tier):
+            out = F.gelu(x)
+            ran[tier] = type(out._ctx).__name__
+    assert ran == {"primitive": "Mul", "fused": "FusedGELU", "fast": "FastGELU"}
+    assert F.get_ops_tier() == "fast"
+    with pytest.raises(ValueError, match="unknown ops tier 'slow'; choose one of: primitive, fused, fast"):
+        F.set_ops_tier("slow")
+
+
+def test_two_ops_of_one_name_are_refused():
+    with pytest.raises(TypeError, match="op name FusedGELU is taken"):
+        type("FusedGELU", (Function,), {"__module__": "tinygrad_lite.fused_again"})

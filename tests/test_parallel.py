@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import tinygrad_lite.functional as F
 from tinygrad_lite import backend, manual_seed, no_grad, optim
 from tinygrad_lite.parallel import DataParallel, shard_bounds
 from model.gpt import GPT, GPTConfig
@@ -197,26 +198,13 @@ def test_bad_uses_raise():
             DataParallel(model, shards=2)
 
 
-def test_serial_kernels_and_thread_generators_are_per_thread():
-    big = np.zeros((4, 1 << 16), dtype=np.float32)
-    with backend.serial_kernels():
-        assert backend.row_blocks(big) == [slice(None)]
-    with backend.use_generator(7):
-        a = backend.rand((3,), "cpu")
-    with backend.use_generator(7):
-        b = backend.rand((3,), "cpu")
-    np.testing.assert_array_equal(a, b)
-
-
-def test_blas_threads_limits_and_restores():
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-
-    def blas_threads() -> list[int]:  # NumPy's BLAS (other libraries loaded later, e.g. torch's, aside)
-        return [lib["num_threads"] for lib in threadpoolctl.threadpool_info()
-                if lib["user_api"] == "blas" and "numpy" in lib["filepath"]]
-    before = blas_threads()
-    if not before:
-        pytest.skip("no BLAS library found by threadpoolctl")
-    with backend.blas_threads(1):
-        assert blas_threads() == [1] * len(before)
-    assert blas_threads() == before
+@on_cpu
+def test_a_worker_runs_the_tier_the_main_process_runs(parallel_gpt):
+    """Workers are fresh interpreters: each job carries the main process's ops tier."""
+    model, parallel = parallel_gpt(shards=2)
+    x, y = batch()
+    for tier in ("primitive", "fused", "fast"):
+        with F.ops_tier(tier):
+            parallel.forward_backward(x, y)
+        model.zero_grad()
+        assert parallel.worker_tiers == [tier] * (parallel.shards - 1)

@@ -196,26 +196,41 @@ FLOAT32_OPS = {
     "Embedding": (lambda w: F.embedding(w, IDS), [W]),
     "Dropout": (lambda a: F.dropout(a, 0.5, training=True), [M]),
     "Attention": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.2), [QKV, QKV, QKV]),
-    "PackedAttention": (lambda qkv: F.causal_self_attention(qkv, 2, dropout_p=0.2), [QKV.reshape(1, 2, 12)]),
+    "PackedAttention": (lambda qkv: F.packed_causal_attention(qkv, 2, dropout_p=0.2), [QKV.reshape(1, 2, 12)]),
 }
+TIERED = ("GELU", "Softmax", "LogSoftmax", "CrossEntropy", "LayerNorm", "Linear", "Embedding", "Dropout",
+          "Attention")  # these run in each ops tier; PackedAttention exists in the fast tier only
+FLOAT32_CASES = [(name, tier) for name in sorted(FLOAT32_OPS)
+                 for tier in (F.TIERS if name in TIERED else ["fast"])]
 
 
-@pytest.mark.parametrize("name", sorted(FLOAT32_OPS))
-def test_float32_forward_and_backward_stay_float32(name):
+def run_float32(name: str, tier: str) -> set[str]:
+    """Forward and backward of one table entry in float32, checking every dtype; returns
+    the names of the Function classes its graph recorded."""
+    from tinygrad_lite.graph import trace
     fn, arrays_ = FLOAT32_OPS[name]
     inputs = [f32(a) for a in arrays_]
-    out = fn(*inputs)
-    assert out.dtype == np.float32, f"{name} forward gave {out.dtype}"
+    with F.ops_tier(tier):
+        out = fn(*inputs)
+    assert out.dtype == np.float32, f"{name} ({tier}) forward gave {out.dtype}"
+    recorded = {op.name for op in trace(out).ops}
     out.backward(Tensor(np.ones(out.shape, np.float32)))
     for i, x in enumerate(inputs):
-        assert x.grad is not None, f"{name}: input {i} got no gradient"
-        assert x.grad.dtype == np.float32, f"{name}: input {i} gradient is {x.grad.dtype}"
+        assert x.grad is not None, f"{name} ({tier}): input {i} got no gradient"
+        assert x.grad.dtype == np.float32, f"{name} ({tier}): input {i} gradient is {x.grad.dtype}"
+    return recorded
+
+
+@pytest.mark.parametrize("name,tier", FLOAT32_CASES)
+def test_float32_forward_and_backward_stay_float32(name, tier):
+    run_float32(name, tier)
 
 
 def test_float32_table_covers_every_registered_op():
     ops = {name for name, cls in Function.registry.items()
            if cls.__module__.startswith("tinygrad_lite.") and "forward" in vars(cls)}
-    assert not ops - set(FLOAT32_OPS), f"ops without a float32 dtype check: {sorted(ops - set(FLOAT32_OPS))}"
+    covered = set().union(*(run_float32(name, tier) for name, tier in FLOAT32_CASES))
+    assert not ops - covered, f"ops without a float32 dtype check: {sorted(ops - covered)}"
 
 
 def test_float32_pipeline_has_float32_grads():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from . import backend
-from .tensor import Tensor
+from .tensor import Tensor, no_grad
 
 
 class GradcheckError(AssertionError):
@@ -39,7 +39,6 @@ def gradcheck(fn: Callable[..., Tensor], inputs: Sequence[Tensor], eps: float = 
     projection = backend.asarray(host_rng.standard_normal(out.shape), out.device)
 
     def loss() -> float:
-        from .tensor import no_grad
         with no_grad():
             return float((fn(*inputs).data * projection).sum())
 

@@ -6,6 +6,7 @@ import math
 from typing import Any, Iterator
 
 from . import backend, functional as F
+from .methods import stack
 from .tensor import Tensor
 
 
@@ -45,9 +46,9 @@ class Module:
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
         """(dotted name, parameter) pairs, each parameter once (tied weights are shared)."""
         seen: set[int] = set()
-        stack = [(prefix, self)]
-        while stack:
-            path, module = stack.pop(0)
+        todo = [(prefix, self)]
+        while todo:
+            path, module = todo.pop(0)
             for name, value in module._children():
                 full = f"{path}{name}"
                 if isinstance(value, Parameter):
@@ -55,7 +56,7 @@ class Module:
                         seen.add(id(value))
                         yield full, value
                 else:
-                    stack.append((full + ".", value))
+                    todo.append((full + ".", value))
 
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
@@ -184,7 +185,6 @@ class Layer(Module):
         self.neurons = [Neuron(n_inputs, activation) for _ in range(n_outputs)]
 
     def forward(self, x: Tensor) -> Tensor:
-        from .tensor import stack
         return stack([n(x) for n in self.neurons], axis=-1)
 
 

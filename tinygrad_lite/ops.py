@@ -6,6 +6,9 @@ the comment above each backward.
 
 Binary ops broadcast like NumPy, so an input of shape (3, 1) may be used as (3, 4);
 its gradient is then summed back to (3, 1) by `unbroadcast`.
+
+`methods.py` then gives Tensor its math methods (`a + b`, `a.exp()`, `a.sum()`,
+`a.reshape()`, `a[i]`), each of which records one of these ops.
 """
 from __future__ import annotations
 
@@ -399,3 +402,15 @@ class Concatenate(Function):
             grads.append(grad[tuple(index)] if needed else None)
             start += size
         return tuple(grads)
+
+
+# --- masks ---------------------------------------------------------------------------------
+
+
+def causal_mask(xp, Tq: int, Tk: int):
+    """(Tq, Tk) bool, True where query i may NOT see key j.
+
+    The Tq queries are the last Tq of the Tk positions (the KV-cache case), so query i
+    sits at position i + Tk - Tq and sees keys 0 .. i + Tk - Tq.
+    """
+    return xp.arange(Tk)[None, :] > xp.arange(Tq)[:, None] + (Tk - Tq)

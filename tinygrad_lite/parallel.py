@@ -1,7 +1,7 @@
 """Data parallelism on the CPU's cores: split the batch, one shard per core, one gradient.
 
 A training step of a small model is hundreds of small ops. Splitting *each op* over the
-cores (backend.parallel_rows) pays a hand-off per op, and most ops are too small to
+cores (cpu.parallel_rows) pays a hand-off per op, and most ops are too small to
 split well. Splitting the *batch* gives each core a long run of work instead: every
 shard runs the whole forward and backward of its own sequences. Then the shards'
 gradients are added up, each weighted by its share of the batch. The result is the
@@ -22,6 +22,11 @@ takes turns, and every one of a step's ~1,000 kernel calls hands the lock over. 
 The split is fixed by the batch size and the shard count, so runs repeat bitwise.
 Random numbers (dropout) come from one generator per shard, seeded from the main one
 each step, so they do not depend on which process runs first.
+
+The shard count defaults to cpu.num_threads(), this process's thread budget, and every
+shard (this process's included) runs under cpu.threads(1): one core each. A worker is a
+fresh interpreter, so it is handed this process's ops tier and CPU settings explicitly;
+OpenBLAS's spin setting, an environment variable, it inherits.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from typing import Any, Callable
 
 import numpy
 
-from . import backend
+from . import backend, cpu, functional
 from .tensor import Tensor, is_grad_enabled, no_grad
 
 
@@ -68,7 +73,7 @@ def _attach(name: str, size: int, dtype) -> tuple[shared_memory.SharedMemory, nu
 def _run_shard(model, loss_fn: Callable, x, y, share: float, scale: float, seed: int, train: bool) -> float:
     """One shard, `share` of the batch: returns share * its mean loss; with train=True,
     d(scale * share * loss)/d(parameter) lands in .grad."""
-    with backend.serial_kernels(), backend.use_generator(seed):
+    with backend.use_generator(seed):
         if not train:
             with no_grad():
                 return share * loss_fn(model, x, y).item()
@@ -77,9 +82,10 @@ def _run_shard(model, loss_fn: Callable, x, y, share: float, scale: float, seed:
         return share * loss.item()
 
 
-def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str) -> None:
+def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str, cpu_settings: dict) -> None:
     """A worker process: waits for a shard, runs it, writes its gradients, says done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process to handle
+    cpu.apply_settings(cpu_settings)  # the main process's CPU tuning, not the defaults
     params = model.parameters()
     shapes = [p.shape for p in params]
     size = sum(p.size for p in params)
@@ -88,7 +94,7 @@ def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str) 
     for p, view in zip(params, _flat_views(weights, shapes)):
         p.data = view  # computes with whatever the main process copied in
     grad_views = _flat_views(grads, shapes)
-    with backend.blas_threads(1):  # this process has one core
+    with cpu.threads(1):  # this process has one core
         while True:
             try:
                 job = conn.recv()
@@ -96,8 +102,9 @@ def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str) 
                 break
             if job is None:
                 break
-            x, y, share, scale, seed, training, train = job
+            x, y, share, scale, seed, training, train, tier = job
             try:
+                functional.set_ops_tier(tier)  # the tier the main process runs now
                 model.train(training)
                 loss = _run_shard(model, loss_fn, x, y, share, scale, seed, train)
                 has_grad = []
@@ -106,7 +113,7 @@ def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str) 
                     if p.grad is not None:
                         view[...] = p.grad
                     p.grad = None
-                conn.send(("ok", loss, has_grad))
+                conn.send(("ok", loss, has_grad, functional.get_ops_tier()))
             except Exception as e:  # noqa: BLE001 - reported to the main process, which raises
                 conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
     weights_block.close()
@@ -116,7 +123,7 @@ def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str) 
 class DataParallel:
     """Run forward + backward of one batch as `shards` shards, one per CPU core.
 
-        parallel = DataParallel(model)            # shards: backend.THREADS on the CPU
+        parallel = DataParallel(model)            # shards: cpu.num_threads() on the CPU
         loss = parallel.forward_backward(x, y)    # x, y (B, T); adds the grads into .grad
         optimizer.step()
 
@@ -130,7 +137,7 @@ class DataParallel:
     def __init__(self, model, loss_fn: Callable = default_loss, shards: int | None = None) -> None:
         self.params = model.parameters()
         on_cpu = bool(self.params) and isinstance(self.params[0].data, numpy.ndarray)
-        self.shards = shards if shards is not None else (backend.THREADS if on_cpu else 1)
+        self.shards = shards if shards is not None else (cpu.num_threads() if on_cpu else 1)
         if self.shards < 1:
             raise ValueError(f"shards must be >= 1, got {self.shards}")
         if self.shards > 1 and not on_cpu:
@@ -139,6 +146,7 @@ class DataParallel:
             raise ValueError("data parallelism needs every parameter in one dtype")
         self.model, self.loss_fn = model, loss_fn
         self.workers: list[tuple[Any, Any]] = []  # (process, pipe)
+        self.worker_tiers: list[str] = []  # the ops tier each worker ran its last shard in
         self._close = None
 
     # --- the worker processes ---
@@ -155,7 +163,8 @@ class DataParallel:
         for block in blocks[1:]:
             mine, theirs = context.Pipe()
             process = context.Process(target=_worker, daemon=True, name="tinygrad_lite-shard",
-                                      args=(theirs, self.model, self.loss_fn, (blocks[0].name, block.name), dtype.str))
+                                      args=(theirs, self.model, self.loss_fn, (blocks[0].name, block.name),
+                                            dtype.str, cpu.settings()))
             process.start()
             theirs.close()
             self.workers.append((process, mine))
@@ -190,13 +199,14 @@ class DataParallel:
         busy, sent = self.workers[:len(bounds) - 1], []
         for (_, pipe), (start, stop), share, seed in zip(busy, bounds[1:], shares[1:], seeds[1:]):
             try:
-                pipe.send((x[start:stop], y[start:stop], share, scale, seed, self.model.training, train))
+                pipe.send((x[start:stop], y[start:stop], share, scale, seed, self.model.training, train,
+                           functional.get_ops_tier()))
                 sent.append(True)
             except OSError:  # a broken pipe: the worker is gone
                 sent.append(False)
         error, losses = None, []
-        try:  # shard 0 here, on one BLAS thread: the workers have the other cores
-            with backend.blas_threads(1):
+        try:  # shard 0 here, on one core: the workers have the others
+            with cpu.threads(1):
                 start, stop = bounds[0]
                 losses.append(_run_shard(self.model, self.loss_fn, x[start:stop], y[start:stop],
                                          shares[0], scale, seeds[0], train))
@@ -219,6 +229,7 @@ class DataParallel:
             if reply[0] == "error":
                 self.close()  # the workers' state is unknown: start afresh next time
                 raise RuntimeError(f"in a data-parallel worker: {reply[1]}\n{reply[2]}".rstrip())
+        self.worker_tiers = [reply[3] for reply in replies]
         if train:  # the workers' gradients, added in a fixed order (never in place: grads may be shared)
             for reply, views in zip(replies, self._grad_views):
                 for p, has_grad, view in zip(self.params, reply[2], views):

@@ -15,11 +15,11 @@ import time
 from collections import defaultdict
 from typing import Iterator
 
+from . import backend
 from .tensor import Function
 
 
 def _sync() -> None:
-    from . import backend
     if backend.cuda_available:
         backend.cupy.cuda.Device().synchronize()
 

@@ -5,8 +5,9 @@ gradient will be needed, records a `Function` object: which tensors went in and 
 the backward pass must remember. `loss.backward()` then walks that recorded graph from
 the loss back to the leaves, applying the chain rule one op at a time.
 
-Reading order: this file (Tensor, Function, the backward engine), then `ops.py`
-(primitive ops), then `fused.py` (fast ops with hand-derived gradients).
+This file is the autograd core and imports no op: `ops.py`, the next layer, defines
+the primitive ops and attaches Tensor's math methods (`a + b`, `a.sum()`, `a.reshape()`)
+to this class, so imports run one way: backend <- tensor <- ops <- tiers <- nn.
 """
 from __future__ import annotations
 
@@ -51,6 +52,11 @@ class Function:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        other = Function.registry.get(cls.__name__)
+        if other is not None and other.__module__.startswith("tinygrad_lite.") and other is not cls:
+            # NOTE: each tier names its ops (GELU, FusedGELU, FastGELU): a second op of the
+            # same name would silently take the first one's place in the registry
+            raise TypeError(f"op name {cls.__name__} is taken by {other.__module__}.{other.__name__}")
         Function.registry[cls.__name__] = cls
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -211,105 +217,6 @@ class Tensor:
             # 3. free what this op saved, as soon as it is used
             node._ctx, node._freed = None, True
 
-    # --- operators (defined in ops.py, attached here so `a + b` reads like math) ---
-    def __add__(self, other): return ops.Add.apply(self, _lift(other, self))
-    def __radd__(self, other): return ops.Add.apply(_lift(other, self), self)
-    def __sub__(self, other): return ops.Sub.apply(self, _lift(other, self))
-    def __rsub__(self, other): return ops.Sub.apply(_lift(other, self), self)
-    def __mul__(self, other): return ops.Mul.apply(self, _lift(other, self))
-    def __rmul__(self, other): return ops.Mul.apply(_lift(other, self), self)
-    def __truediv__(self, other): return ops.Div.apply(self, _lift(other, self))
-    def __rtruediv__(self, other): return ops.Div.apply(_lift(other, self), self)
-    def __pow__(self, other): return ops.Pow.apply(self, _lift(other, self))
-    def __rpow__(self, other): return ops.Pow.apply(_lift(other, self, as_tensor=True), self)
-    def __neg__(self): return ops.Neg.apply(self)
-    def __matmul__(self, other): return ops.MatMul.apply(self, _lift(other, self, as_tensor=True))
-    def __rmatmul__(self, other): return ops.MatMul.apply(_lift(other, self, as_tensor=True), self)
-    def __getitem__(self, index): return ops.GetItem.apply(self, index=_index_data(index))
-
-    # comparisons give plain boolean tensors (no gradient), as in PyTorch
-    def __lt__(self, other): return Tensor._from_array(self.data < _data(other))
-    def __le__(self, other): return Tensor._from_array(self.data <= _data(other))
-    def __gt__(self, other): return Tensor._from_array(self.data > _data(other))
-    def __ge__(self, other): return Tensor._from_array(self.data >= _data(other))
-    __hash__ = object.__hash__
-
-    # --- elementwise math ---
-    def exp(self): return ops.Exp.apply(self)
-    def log(self): return ops.Log.apply(self)
-    def sqrt(self): return ops.Sqrt.apply(self)
-    def relu(self): return ops.ReLU.apply(self)
-    def tanh(self): return ops.Tanh.apply(self)
-    def sigmoid(self): return ops.Sigmoid.apply(self)
-    def gelu(self): return fused.GELU.apply(self)
-    def softmax(self, axis: int = -1): return fused.Softmax.apply(self, axis=axis)
-    def log_softmax(self, axis: int = -1): return fused.LogSoftmax.apply(self, axis=axis)
-
-    # --- reductions ---
-    def sum(self, axis=None, keepdims: bool = False): return ops.Sum.apply(self, axis=axis, keepdims=keepdims)
-    def max(self, axis=None, keepdims: bool = False): return ops.Max.apply(self, axis=axis, keepdims=keepdims)
-
-    def mean(self, axis=None, keepdims: bool = False) -> "Tensor":
-        """sum / count: composed of primitives, so it needs no backward of its own."""
-        total = self.sum(axis=axis, keepdims=keepdims)  # first: it checks the axes
-        axes = range(self.ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
-        count = 1
-        for a in axes:
-            count *= self.shape[a]
-        return total * (1.0 / count)
-
-    # --- shape ---
-    def reshape(self, *shape) -> "Tensor":
-        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        return ops.Reshape.apply(self, shape=tuple(shape))
-
-    def permute(self, *axes) -> "Tensor":
-        axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
-        return ops.Permute.apply(self, axes=tuple(axes))
-
-    def transpose(self, axis0: int = -2, axis1: int = -1) -> "Tensor":
-        """Swap two axes (default: the last two, as for a matrix)."""
-        if not (-self.ndim <= axis0 < self.ndim and -self.ndim <= axis1 < self.ndim):
-            raise ValueError(f"transpose axes ({axis0}, {axis1}) are out of range for a tensor "
-                             f"with {self.ndim} dimensions")
-        axes = list(range(self.ndim))
-        axes[axis0], axes[axis1] = axes[axis1], axes[axis0]
-        return self.permute(*axes)
-
-    @property
-    def T(self) -> "Tensor":
-        return self.permute(*reversed(range(self.ndim)))
-
-    def split(self, sizes, axis: int = 0) -> list["Tensor"]:
-        """Split into pieces of the given sizes (or `sizes` equal pieces) along `axis`."""
-        length = self.shape[axis]
-        if isinstance(sizes, int):
-            if length % sizes:
-                raise ValueError(f"cannot split length {length} into {sizes} equal pieces")
-            sizes = [length // sizes] * sizes
-        if sum(sizes) != length:
-            raise ValueError(f"split sizes {list(sizes)} do not add up to length {length}")
-        pieces, start = [], 0
-        for size in sizes:
-            index = [slice(None)] * self.ndim
-            index[axis] = slice(start, start + size)
-            pieces.append(self[tuple(index)])
-            start += size
-        return pieces
-
-    def masked_fill(self, mask, value: float) -> "Tensor":
-        """Where mask is True, put `value` (e.g. -inf before a softmax); elsewhere keep self."""
-        return where(mask, value, self)
-
-    def astype(self, dtype) -> "Tensor":
-        return ops.Cast.apply(self, dtype=dtype)
-
-    def float(self) -> "Tensor":
-        return self.astype("float32")
-
-    def double(self) -> "Tensor":
-        return self.astype("float64")
-
     # --- constructors ---
     @staticmethod
     def zeros(*shape, dtype="float32", device=None, requires_grad=False) -> "Tensor":
@@ -326,30 +233,6 @@ class Tensor:
         """Samples of Normal(0, std^2) from the backend's seeded generator."""
         device = device or backend.default_device()
         return Tensor(backend.randn(shape, device, dtype, std), requires_grad)
-
-
-def concatenate(tensors: list[Tensor], axis: int = 0) -> Tensor:
-    """Join tensors along an existing axis."""
-    if not tensors:
-        raise ValueError("concatenate needs at least one tensor")
-    return ops.Concatenate.apply(*tensors, axis=axis)
-
-
-def stack(tensors: list[Tensor], axis: int = 0) -> Tensor:
-    """Join tensors along a new axis: each gets a size-1 axis, then they are concatenated."""
-    def expanded(t: Tensor) -> Tensor:
-        at = axis if axis >= 0 else t.ndim + 1 + axis
-        return t.reshape(*t.shape[:at], 1, *t.shape[at:])
-    return concatenate([expanded(t) for t in tensors], axis=axis)
-
-
-def where(condition, x, y) -> Tensor:
-    """Elementwise `x if condition else y`; the gradient flows only to the chosen side."""
-    like = x if isinstance(x, Tensor) else y
-    condition = condition if isinstance(condition, Tensor) else Tensor(condition, device=like.device)
-    if condition.device != like.device:
-        raise RuntimeError(f"where: condition is on {condition.device}, values on {like.device}")
-    return ops.Where.apply(condition.data, _lift(x, like), _lift(y, like))
 
 
 # --- helpers --------------------------------------------------------------------------
@@ -378,26 +261,3 @@ def _topological_order(root: Tensor) -> list[Tensor]:
                 if isinstance(inp, Tensor) and inp.requires_grad and id(inp) not in visited:
                     stack.append((inp, False))
     return postorder[::-1]
-
-
-def _data(x: Any) -> Any:
-    return x.data if isinstance(x, Tensor) else x
-
-
-def _index_data(index: Any) -> Any:
-    if isinstance(index, tuple):
-        return tuple(_data(i) for i in index)
-    return _data(index)
-
-
-def _lift(other: Any, like: Tensor, as_tensor: bool = False) -> Any:
-    """Make the other operand of a binary op usable: Python numbers stay numbers (so
-    float32 stays float32), host arrays move to `like`'s device."""
-    if isinstance(other, Tensor):
-        return other
-    if isinstance(other, (int, float)) and not as_tensor:
-        return other
-    return Tensor(other, dtype=like.dtype, device=like.device)
-
-
-from . import fused, ops  # noqa: E402  (ops subclass Function, defined above)

@@ -1,15 +1,23 @@
-"""The fused ops of `fused.py`, written again from primitive ops only.
+"""The primitive tier: every op that has a fused form, written from primitive ops only.
 
-Slow but obviously right: backward comes for free from the primitives' chain rule.
-The tests check that each fused op gives the same values and gradients as its twin
-here; read these first if a fused backward looks like magic.
+Slow but obviously right: no backward is written here, autograd derives each gradient
+from the primitives' chain rule. `fused.py` does the same math as one op each, with the
+backward derived by hand; `fast.py` does it again as kernels. The tests check that the
+three tiers give the same values and gradients. Select this tier with
+`tinygrad_lite.set_ops_tier("primitive")` or `train.py --ops primitive`.
+
+Inputs arrive checked by functional.py (shapes, integer ids in range).
 """
 from __future__ import annotations
 
 import math
 
-from .fused import GELU_C, causal_mask
-from .tensor import Tensor, where
+from . import backend
+from .methods import where
+from .ops import causal_mask
+from .tensor import Tensor
+
+GELU_C = math.sqrt(2.0 / math.pi)  # GPT-2's tanh approximation of GELU
 
 
 def gelu(x: Tensor) -> Tensor:
@@ -27,10 +35,10 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
 
 
 def cross_entropy(logits: Tensor, targets, ignore_index=None) -> Tensor:
-    """logits (..., V), integer targets (...)."""
+    """logits (..., V), integer targets (...) -> the mean over counted positions."""
     V = logits.shape[-1]
     flat = log_softmax(logits.reshape(-1, V))  # (N, V)
-    t = Tensor(targets).data.reshape(-1).astype("int64")
+    t = targets.reshape(-1)  # (N,)
     valid = t != ignore_index if ignore_index is not None else t >= 0
     xp = flat.xp
     picked = flat[xp.arange(len(t)), xp.where(valid, t, 0)]  # (N,)
@@ -52,21 +60,22 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def embedding(weight: Tensor, ids) -> Tensor:
-    return weight[Tensor(ids).data]
+    return weight[ids]
 
 
-def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> Tensor:
+def dropout(x: Tensor, p: float) -> Tensor:
+    """Multiply by a random mask of 0 and 1/(1-p): a constant, so only Mul is recorded."""
+    keep = backend.rand(x.shape, x.device, x.dtype) >= p
+    return x * Tensor._from_array(keep * x.dtype.type(1.0 / (1.0 - p)))
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
+                                 dropout_p: float = 0.0) -> Tensor:
     """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D)."""
     scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Tq, Tk)
     if causal:
         scores = where(causal_mask(q.xp, q.shape[-2], k.shape[-2]), -math.inf, scores)
-    return softmax(scores, axis=-1) @ v
-
-
-def causal_self_attention(qkv: Tensor, n_head: int) -> Tensor:
-    """qkv (B, T, 3C) -> (B, T, C): split, heads, attention, merge; each step a primitive."""
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    q, k, v = (t.reshape(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(3, axis=2))
-    y = scaled_dot_product_attention(q, k, v, causal=True)  # (B, nh, T, hs)
-    return y.transpose(1, 2).reshape(B, T, C)
+    weights = softmax(scores, axis=-1)
+    if dropout_p > 0:
+        weights = dropout(weights, dropout_p)
+    return weights @ v

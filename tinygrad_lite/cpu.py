@@ -1,0 +1,192 @@
+"""CPU speed: the knobs that make NumPy run a small model fast, and who applies them.
+
+Importing tinygrad_lite changes nothing in the process. A script that wants the CPU
+tuned asks for it, in two steps (train.py, sample.py, serve.py and bench/ do):
+
+    import os
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # 1. before NumPy is imported
+    ...
+    from tinygrad_lite import cpu
+    cpu.tune()                                               # 2. malloc and threads
+
+The knobs, what each does, and what it measured (2-core Xeon, the CPU preset's step;
+docs/performance.md has the tables):
+
+1. OpenBLAS's worker spin (OPENBLAS_THREAD_TIMEOUT). After every matmul OpenBLAS's
+   worker threads spin for ~2^28 cycles before they sleep, holding a core that our own
+   elementwise kernels then wait for. 10 means a spin of 2^10 cycles: the 2-thread step
+   went 57 -> 46 ms. OpenBLAS reads the variable once, when NumPy loads it, so it must
+   be in the environment before the first `import numpy` (or of tinygrad_lite, which
+   imports NumPy): that is why it is step 1, at the top of each script, and not
+   something this module could do later. A value the user set wins (setdefault).
+2. glibc's malloc thresholds (`keep_freed_memory`). Eager NumPy allocates a fresh array
+   for almost every op; by default glibc hands blocks over ~128 KB back to the OS on
+   free, so the next op's array is page-faulted in and zeroed again. Keeping freed
+   memory in the heap made the 1-thread step 103 -> 68 ms, at the same peak memory.
+   Opt out with TINYGRAD_LITE_MALLOC_TUNING=0.
+3. Threads (`threads`, `num_threads`). How many cores this process may use, for BLAS
+   and for the fast tier's elementwise kernels alike (NumPy runs a ufunc on one core,
+   so `parallel_rows` splits a big one into row blocks on a small thread pool). The
+   default is one per core, at most 8, or TINYGRAD_LITE_THREADS. A data-parallel shard
+   (tinygrad_lite/parallel.py) runs under `threads(1)`: its process has one core, and
+   the shard count is this same number. One budget decides both.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import numpy
+
+OPENBLAS_SPIN = "10"  # the value scripts put in OPENBLAS_THREAD_TIMEOUT (knob 1)
+PARALLEL_MIN_SIZE = 1 << 16  # below this many elements, threads cost more than they save
+CHUNK_ELEMENTS = 1 << 16  # 256 KB of float32 per array: a few arrays' pieces fit in a core's L2
+
+_threads: int | None = None  # this process's thread budget; None: the default, read lazily
+_malloc_tuned = False
+_pool = None  # the kernels' thread pool, started on first use (never at import)
+_blas_controller = None
+
+
+# --- knob 2: malloc -------------------------------------------------------------------------
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks for reuse instead of returning them to the OS.
+
+    Raises the mmap and trim thresholds, so big arrays come from (and go back to) the
+    process's heap. Linux/glibc only. Returns True when the settings took.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)  # glibc's maximum on 64-bit
+        ok &= libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+        ok &= libc.mallopt(M_TOP_PAD, 16 * 1024 * 1024)
+        return bool(ok)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        return False
+
+
+# --- knob 3: threads ------------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    """TINYGRAD_LITE_THREADS if set (>= 1), else one per core, at most 8."""
+    value = os.environ.get("TINYGRAD_LITE_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"TINYGRAD_LITE_THREADS must be an integer >= 1, got {value!r}")
+        return int(value)
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def num_threads() -> int:
+    """How many cores this process may use now (BLAS and the kernels' pool)."""
+    return _threads if _threads is not None else default_threads()
+
+
+def _limit_blas(n: int):
+    """A context limiting BLAS to n threads, through threadpoolctl (which knows how to find
+    OpenBLAS, MKL and BLIS inside NumPy); a no-op without it."""
+    global _blas_controller
+    try:
+        if _blas_controller is None:
+            import threadpoolctl
+            _blas_controller = threadpoolctl.ThreadpoolController()
+        return _blas_controller.limit(limits=n, user_api="blas")
+    except ImportError:
+        return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Inside: this process uses at most `n` cores, for BLAS and for parallel_rows."""
+    global _threads
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    previous, _threads = _threads, n
+    try:
+        with _limit_blas(n):
+            yield
+    finally:
+        _threads = previous
+
+
+# --- applying the knobs ---------------------------------------------------------------------
+
+
+def tune(threads: int | None = None) -> dict:
+    """Apply knobs 2 and 3 to this process (knob 1 is the script's first lines); returns
+    settings() for logs and for the data-parallel workers, which apply the same."""
+    global _malloc_tuned, _threads
+    if os.environ.get("TINYGRAD_LITE_MALLOC_TUNING", "1") != "0" and not _malloc_tuned:
+        _malloc_tuned = keep_freed_memory()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        _threads = threads
+    return settings()
+
+
+def settings() -> dict[str, Any]:
+    """What is applied here: the OpenBLAS spin, malloc tuning, the thread budget."""
+    return {"openblas_spin": os.environ.get("OPENBLAS_THREAD_TIMEOUT"), "malloc": _malloc_tuned,
+            "threads": num_threads()}
+
+
+def apply_settings(wanted: dict[str, Any]) -> None:
+    """Make this process match settings() of another (a data-parallel worker, spawned fresh)."""
+    global _malloc_tuned
+    if wanted.get("malloc") and not _malloc_tuned:
+        _malloc_tuned = keep_freed_memory()
+
+
+# --- the kernels' thread pool ---------------------------------------------------------------
+
+
+def row_blocks(array) -> list:
+    """How parallel_rows splits `array`'s first axis: a list of slices (one slice for
+    CuPy, for small arrays, or when this process has one thread)."""
+    rows, n = array.shape[0], num_threads()
+    if n == 1 or not isinstance(array, numpy.ndarray) or array.size < PARALLEL_MIN_SIZE or rows < 2:
+        return [slice(None)]
+    step = -(-rows // n)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
+def parallel_rows(kernel, *arrays, blocks=None, extras=None, chunked=False) -> list:
+    """kernel(*row blocks of `arrays`) for each block, on the thread pool.
+
+    The kernel writes its results into output arrays passed among `arrays` (out=), so
+    each thread touches its own rows only; whatever it returns comes back as a list in
+    block order. `blocks` (default: row_blocks(arrays[0])) fixes the split, and
+    `extras` gives block i its own extra last argument (e.g. what an earlier call on
+    the same blocks returned). `chunked=True` (for kernels that return nothing), when
+    the kernel runs on this thread alone, runs it in pieces of about CHUNK_ELEMENTS: a
+    kernel of several passes then makes them all while its piece is still in the core's
+    cache, instead of each pass reading the whole array from memory again.
+    NOTE: not with several threads: every NumPy call hands Python's lock (the GIL) to
+    the other thread and back, which costs more than a short piece saves.
+    """
+    global _pool
+    blocks = row_blocks(arrays[0]) if blocks is None else blocks
+
+    def run(i: int):
+        views = [a[blocks[i]] for a in arrays]
+        if chunked and len(blocks) == 1 and isinstance(arrays[0], numpy.ndarray):
+            rows = max(1, CHUNK_ELEMENTS // max(1, views[0][:1].size))  # rows per piece
+            for start in range(0, views[0].shape[0], rows):
+                kernel(*[v[start:start + rows] for v in views])
+            return None
+        return kernel(*views) if extras is None else kernel(*views, extras[i])
+    if len(blocks) == 1:
+        return [run(0)]
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(max(num_threads(), len(blocks)) - 1, thread_name_prefix="tinygrad_lite")
+    futures = [_pool.submit(run, i) for i in range(1, len(blocks))]
+    first = run(0)  # the calling thread does the first block
+    return [first] + [f.result() for f in futures]

@@ -1,0 +1,202 @@
+"""The fast tier: the fused tier's math again, as kernels tuned for the CPU.
+
+A learner can skip this file: it computes exactly what `fused.py` computes (the tests
+check it, values and gradients), only with fewer passes over memory. The tricks:
+  - in-place steps on preallocated buffers (`out=`): every temporary array costs a pass
+    over memory, and a (B, T, 4C) GELU input is the largest array in the model;
+  - row blocks on all CPU cores (`cpu.parallel_rows`): NumPy runs a ufunc on one core;
+  - cache-sized pieces when one core runs a kernel of several passes;
+  - row means as mat-vecs, a one-hot matmul for a small vocabulary's embedding backward;
+  - attention with its scores stored keys-first, and packed attention straight from
+    c_attn's output (fast_attention.py).
+Where the fused op has nothing to gain (log-softmax, cross-entropy, linear, dropout),
+this tier runs the fused op itself. Later CUDA kernels belong in this layer too.
+"""
+from __future__ import annotations
+
+from .backend import scatter_add, xp_of
+from .cpu import parallel_rows
+from .fast_attention import FastAttention, FastPackedAttention
+from .fused import GELU_C, cross_entropy, dropout, linear, log_softmax  # noqa: F401  (this tier's too)
+from .tensor import Function
+
+# --- GELU ----------------------------------------------------------------------------------
+
+
+def _gelu_forward(x, t, out):
+    """out = gelu(x), t = tanh(c (x + 0.044715 x^3)): in place, one block of rows."""
+    xp = xp_of(x)
+    xp.multiply(x, x, out=t)
+    t *= 0.044715 * GELU_C
+    t += GELU_C
+    t *= x  # c (x + 0.044715 x^3)
+    xp.tanh(t, out=t)
+    xp.add(t, 1, out=out)
+    out *= x
+    out *= 0.5
+
+
+def _gelu_backward(x, t, y, grad, d):
+    """d = grad * gelu'(x), given t and the output y from the forward: in place, one block.
+
+    gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) P with P = c (1 + 3 * 0.044715 x^2); since
+    y = 0.5 x (1 + t), the second term is Q (1 - t) with Q = y P, so
+    gelu'(x) = 0.5 + Q + t (0.5 - Q): nine passes over memory instead of eleven.
+    """
+    xp = xp_of(x)
+    xp.multiply(x, x, out=d)
+    d *= 3 * 0.044715 * GELU_C
+    d += GELU_C  # P
+    d *= y  # Q
+    tmp = xp.subtract(0.5, d)
+    tmp *= t
+    d += tmp
+    d += 0.5
+    d *= grad
+
+
+class FastGELU(Function):
+    """FusedGELU as in-place steps on preallocated buffers, in row blocks on all cores."""
+
+    def forward(self, x):
+        xp = xp_of(x)
+        x = xp.ascontiguousarray(x).reshape(x.shape)  # (ascontiguousarray makes 0-d into 1-d)
+        t, out = xp.empty_like(x), xp.empty_like(x)
+        parallel_rows(_gelu_forward, x.reshape(-1), t.reshape(-1), out.reshape(-1), chunked=True)
+        self.x, self.t, self.out = x, t, out
+        return out
+
+    def backward(self, grad):
+        xp = xp_of(grad)
+        grad = xp.ascontiguousarray(grad).reshape(grad.shape)
+        d = xp.empty_like(self.x)
+        parallel_rows(_gelu_backward, self.x.reshape(-1), self.t.reshape(-1), self.out.reshape(-1),
+                      grad.reshape(-1), d.reshape(-1), chunked=True)
+        return (d,)
+
+
+# --- softmax -------------------------------------------------------------------------------
+
+
+class FastSoftmax(Function):
+    """FusedSoftmax with the exp and the division done in place: one array, not three."""
+
+    def forward(self, x, axis=-1):
+        xp = xp_of(x)
+        s = x - x.max(axis=axis, keepdims=True)
+        xp.exp(s, out=s)
+        s /= s.sum(axis=axis, keepdims=True)
+        self.s, self.axis = s, axis
+        return s
+
+    def backward(self, grad):
+        s = self.s
+        return (s * (grad - (grad * s).sum(axis=self.axis, keepdims=True)),)
+
+
+# --- layer norm ----------------------------------------------------------------------------
+
+
+def _row_means(x):
+    """(n, C) -> (n, 1) mean of each row.
+
+    NOTE: as a mat-vec with a vector of 1/C: BLAS does it in one pass, where NumPy's
+    sum(axis=-1) pays a fixed cost for each short row (~4x slower at C = 128).
+    """
+    xp = xp_of(x)
+    return (x @ xp.full(x.shape[-1], 1.0 / x.shape[-1], dtype=x.dtype))[:, None]
+
+
+def _layer_norm_forward(x, weight, bias, eps, out, xhat, rstd):
+    """One block of rows (n, C): xhat = (x - mean) / sqrt(var + eps); out = xhat w + b."""
+    xp = xp_of(x)
+    xp.subtract(x, _row_means(x), out=xhat)  # centred
+    var = _row_means(xp.multiply(xhat, xhat, out=out))  # (n, 1); `out` is free until the end
+    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
+    xhat *= rstd  # mean 0, variance 1
+    xp.multiply(xhat, weight, out=out)
+    if bias is not None:
+        out += bias
+
+
+def _layer_norm_backward(grad, xhat, rstd, weight, dx, g_xhat):
+    """One block of rows: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = g w."""
+    xp = xp_of(grad)
+    C = grad.shape[-1]
+    xp.multiply(grad, xhat, out=g_xhat)  # kept: dw = sum over rows of g xhat
+    mean_dxhat_xhat = (g_xhat @ weight)[:, None] * (1.0 / C)  # sum_c g w xhat, as a mat-vec
+    xp.multiply(grad, weight, out=dx)  # dxhat
+    dx -= _row_means(dx)
+    dx -= xhat * mean_dxhat_xhat
+    dx *= rstd
+
+
+class FastLayerNorm(Function):
+    """FusedLayerNorm on (N, C) rows, in row blocks on all cores, into preallocated buffers."""
+
+    def forward(self, x, weight, bias, eps=1e-5):
+        xp = xp_of(x)
+        C = x.shape[-1]
+        x2d = x.reshape(-1, C)  # (N, C)
+        out, xhat = xp.empty_like(x2d), xp.empty_like(x2d)
+        rstd = xp.empty((x2d.shape[0], 1), dtype=x.dtype)
+        parallel_rows(lambda x, o, xh, r: _layer_norm_forward(x, weight, bias, eps, o, xh, r),
+                      x2d, out, xhat, rstd)
+        self.xhat, self.rstd, self.weight, self.has_bias = xhat, rstd, weight, bias is not None
+        return out.reshape(x.shape)
+
+    def backward(self, grad):
+        xp = xp_of(grad)
+        g2d = grad.reshape(self.xhat.shape)  # (N, C)
+        dx, g_xhat = xp.empty_like(self.xhat), xp.empty_like(self.xhat)
+        parallel_rows(lambda g, xh, r, d, gx: _layer_norm_backward(g, xh, r, self.weight, d, gx),
+                      g2d, self.xhat, self.rstd, dx, g_xhat)
+        dw = g_xhat.sum(axis=0) if self.needs_grad[1] else None
+        db = g2d.sum(axis=0) if self.has_bias and self.needs_grad[2] else None
+        return dx.reshape(grad.shape), dw, db
+
+
+# --- embedding -----------------------------------------------------------------------------
+
+ONE_HOT_LIMIT = 1 << 20  # vocabulary x positions up to which the backward is a matmul
+
+
+class FastEmbedding(Function):
+    """FusedEmbedding whose backward, for a small vocabulary, is one matmul."""
+
+    def forward(self, weight, ids):
+        self.ids, self.weight_shape = ids, weight.shape
+        return weight[ids]
+
+    def backward(self, grad):
+        xp = xp_of(grad)
+        (V, C), ids = self.weight_shape, self.ids.reshape(-1)
+        g = grad.reshape(-1, C)  # (N, C)
+        if V * ids.shape[0] <= ONE_HOT_LIMIT:
+            # NOTE: for a small vocabulary, one-hot (V, N) @ g is one BLAS call: ~5x faster
+            # on the CPU than NumPy's scatter-add (np.add.at) for a character vocabulary
+            one_hot = xp.zeros((V, ids.shape[0]), dtype=grad.dtype)
+            one_hot[ids, xp.arange(ids.shape[0])] = 1
+            return one_hot @ g, None
+        dw = xp.zeros(self.weight_shape, dtype=grad.dtype)
+        scatter_add(dw, ids, g)
+        return dw, None
+
+
+# --- the tier's functions (what functional.py calls when this tier is selected) ------------
+
+
+def gelu(x): return FastGELU.apply(x)
+def softmax(x, axis=-1): return FastSoftmax.apply(x, axis=axis)
+def layer_norm(x, weight, bias=None, eps=1e-5): return FastLayerNorm.apply(x, weight, bias, eps=eps)
+def embedding(weight, ids): return FastEmbedding.apply(weight, ids)
+
+
+def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0):
+    return FastAttention.apply(q, k, v, causal=causal, dropout_p=dropout_p)
+
+
+def packed_causal_attention(qkv, n_head, dropout_p=0.0, kv=None):
+    """qkv (B, T, 3C) -> y (B, T, C): the whole multi-head attention in one kernel; kv =
+    (keys, values) (B, nh, Tk, hs) from a KV cache that already holds this step's."""
+    return FastPackedAttention.apply(qkv, n_head=n_head, dropout_p=dropout_p, kv=kv)
