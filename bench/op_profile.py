@@ -1,6 +1,6 @@
 """Where one training step's time goes, op by op (tinygrad_lite's per-op timers).
 
-    python bench/op_profile.py [--steps 20] [--threads N]
+    python bench/op_profile.py [--steps 20] [--ops primitive|fused|fast]
 
 The shakespeare-char-cpu model and train.py's step (forward, backward, clip, AdamW,
 zero_grad) on a fixed random batch, in one process (train.py splits the batch over the
@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.gpt import GPT, GPTConfig  # noqa: E402
-from tinygrad_lite import cpu, manual_seed, optim  # noqa: E402
+from tinygrad_lite import cpu, manual_seed, ops_tier, optim  # noqa: E402
+from tinygrad_lite.functional import DEFAULT_TIER, TIERS  # noqa: E402
 from tinygrad_lite.profiler import format_table, profile_ops  # noqa: E402
 from train import PRESETS  # noqa: E402
 
@@ -31,8 +32,14 @@ from train import PRESETS  # noqa: E402
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--ops", choices=list(TIERS), default=DEFAULT_TIER, help="the ops tier to profile")
     args = p.parse_args()
     cpu.tune()  # malloc and threads, as train.py does (tinygrad_lite/cpu.py)
+    with ops_tier(args.ops):
+        return profile(args)
+
+
+def profile(args: argparse.Namespace) -> int:
     cfg = PRESETS["shakespeare-char-cpu"]
     manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, block_size=cfg["block_size"], n_layer=cfg["n_layer"],

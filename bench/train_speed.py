@@ -71,8 +71,9 @@ def batches(n: int, seed: int = SEED) -> list[tuple[np.ndarray, np.ndarray]]:
 # --- the two training steps ------------------------------------------------------------------
 
 
-def tinygrad_setup(seed: int = SEED):
-    """(model, step function) for tinygrad_lite; step(x, y) -> loss, as train.py's loop."""
+def tinygrad_setup(seed: int = SEED, shards: int | None = None):
+    """(model, step function) for tinygrad_lite; step(x, y) -> loss, as train.py's loop
+    (shards: the batch split over that many processes; default one per core)."""
     from model.gpt import GPT, GPTConfig
     from tinygrad_lite import backend, cpu, optim
     from tinygrad_lite.parallel import DataParallel
@@ -83,7 +84,7 @@ def tinygrad_setup(seed: int = SEED):
     optimizer = optim.AdamW(model.optimizer_groups(PRESET["weight_decay"]), lr=PRESET["lr"],
                             betas=(PRESET["beta1"], PRESET["beta2"]))
     params = model.parameters()
-    parallel = DataParallel(model)  # the batch split over the cores, as train.py does
+    parallel = DataParallel(model, shards=shards)  # the batch split over the cores, as train.py does
 
     def step(x: np.ndarray, y: np.ndarray) -> float:
         value = parallel.forward_backward(x, y)

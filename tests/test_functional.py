@@ -433,3 +433,52 @@ def test_dropout_probability_out_of_range_raises(p):
     for training in (True, False):
         with pytest.raises(ValueError, match="dropout probability"):
             F.dropout(x, p, training=training)
+
+
+# --- the fused tier reads as plain math ---------------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+PLAIN_TIERS = ("tinygrad_lite/primitive.py", "tinygrad_lite/fused.py", "tinygrad_lite/fused_attention.py")
+KERNEL_MODULES = {"fast", "fast_attention", "cpu", "parallel"}
+
+
+def kernel_tricks(path) -> list[str]:
+    """What in a file's source belongs to the fast layer: imports of it, the thread pool,
+    writes into preallocated buffers (out=)."""
+    import ast
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            names = {(node.module or "").split(".")[-1]} | {a.name for a in node.names}
+            if names & KERNEL_MODULES or any("parallel_rows" in n or "row_blocks" in n for n in names):
+                found.append(f"line {node.lineno}: imports {ast.unparse(node)}")
+        elif isinstance(node, ast.Import) and any(a.name.split(".")[-1] in KERNEL_MODULES for a in node.names):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.keyword) and node.arg == "out":
+            found.append(f"line {node.value.lineno}: writes into a buffer (out=)")
+        elif isinstance(node, (ast.Name, ast.Attribute)) and getattr(node, "id", getattr(node, "attr", "")) in (
+                "parallel_rows", "row_blocks", "ThreadPoolExecutor", "empty_like", "empty"):
+            found.append(f"line {node.lineno}: uses {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize("path", PLAIN_TIERS)
+def test_the_readable_tiers_use_no_kernel_tricks(path):
+    """A learner reads primitive.py and fused.py without meeting a buffer, a thread or a
+    layout trick: no import of the fast layer or the thread pool, no out= buffers."""
+    assert kernel_tricks(ROOT / path) == []
+
+
+def test_the_kernel_trick_scan_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from .cpu import parallel_rows\nimport numpy as np\nnp.exp(x, out=y)\nz = np.empty_like(x)\n")
+    assert [line.split(":")[0] for line in kernel_tricks(bad)] == ["line 1", "line 3", "line 4"]
+
+
+def test_each_tier_names_its_ops():
+    """Class names say their tier, so a fast GELU can never take the fused one's place."""
+    from tinygrad_lite import Function
+    for module, prefix in (("tinygrad_lite.fused", "Fused"), ("tinygrad_lite.fused_attention", "Fused"),
+                           ("tinygrad_lite.fast", "Fast"), ("tinygrad_lite.fast_attention", "Fast")):
+        ops = [name for name, cls in Function.registry.items() if cls.__module__ == module]
+        assert ops and all(name.startswith(prefix) for name in ops), (module, ops)

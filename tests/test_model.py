@@ -144,3 +144,36 @@ def test_weight_tying_and_init():
     assert std("h.0.attn.c_proj.weight") == pytest.approx(0.02 / np.sqrt(8), rel=0.15)
     groups = model.optimizer_groups(0.1)
     assert all(p.ndim == 2 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+
+
+def test_a_tiny_gpt_trains_the_same_in_every_tier():
+    """Same seed, same batches, 30 AdamW steps in float32: the three ops tiers end on the
+    same loss and weights, up to float32 rounding."""
+    from tinygrad_lite import optim, ops_tier
+    from tinygrad_lite.functional import TIERS
+    rng = np.random.default_rng(0)
+    data = (np.arange(2000) * 3 + rng.integers(0, 2, 2000)) % 11  # a pattern, a little noise
+    results = {}
+    for tier in TIERS:
+        manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1))
+        opt = optim.AdamW(model.optimizer_groups(0.1), lr=3e-3)
+        batches = np.random.default_rng(1)
+        losses = []
+        with ops_tier(tier):
+            for _ in range(30):
+                starts = batches.integers(0, len(data) - 17, 4)
+                window = data[starts[:, None] + np.arange(17)]
+                _, loss = model(window[:, :-1], window[:, 1:])
+                loss.backward()
+                optim.clip_grad_norm(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        results[tier] = losses, model.state_dict()
+    first, last = results["primitive"][0], results["primitive"][0][-1]
+    assert last < first[0] - 0.1  # it learned something
+    for tier in ("fused", "fast"):
+        np.testing.assert_allclose(results[tier][0], first, rtol=2e-5, atol=2e-5, err_msg=tier)
+        for name, w in results["primitive"][1].items():
+            np.testing.assert_allclose(results[tier][1][name], w, rtol=1e-3, atol=1e-4, err_msg=f"{tier} {name}")

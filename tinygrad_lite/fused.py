@@ -27,7 +27,8 @@ class FusedGELU(Function):
 
     def forward(self, x):
         self.x = x
-        self.t = xp_of(x).tanh(GELU_C * (x + 0.044715 * x ** 3))
+        # NOTE: x * x * x, not x ** 3: NumPy's power() is a slow general pow, ~20x the time
+        self.t = xp_of(x).tanh(GELU_C * (x + 0.044715 * x * x * x))
         return 0.5 * x * (1 + self.t)
 
     # d/dx gelu = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2),  t = tanh(...)
