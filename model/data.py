@@ -1,4 +1,4 @@
-"""Tiny Shakespeare on disk: find it, read it, tokenize it once, sample batches.
+"""Tiny Shakespeare on disk: unpack it, read it, tokenize it once, sample batches.
 
 The pipeline, as in nanoGPT's data/shakespeare*/prepare.py and train.py's get_batch:
 
@@ -15,22 +15,22 @@ that says what is wrong and how to fix it, so the training script can print it a
 from __future__ import annotations
 
 import hashlib
-import http.client
+import importlib.resources
 import json
+import lzma
 import os
 import tempfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from model.tokenizer import Tokenizer
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-DOWNLOAD_TIMEOUT_S = 30
+# Tiny Shakespeare (Karpathy's char-rnn collection, public domain), shipped inside the
+# package xz-compressed (364 KB for 1,115,394 bytes): training needs no network.
+SHAKESPEARE_PACKAGED = ("assets", "tinyshakespeare.txt.xz")  # inside the `model` package
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # of the text
 TRAIN_FRACTION = 0.9  # the first 90% of the tokens train, the last 10% validate
-_LOCAL_COPY = Path("shared") / "data" / "tinyshakespeare" / "input.txt"
 
 
 class DataError(ValueError):
@@ -68,10 +68,16 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "tinygrad_lite"
 
 
-def _local_copies() -> list[Path]:
-    """Where a copy may already sit: ../shared/... next to the repo root or the CWD."""
-    repo_root = Path(__file__).resolve().parents[1]
-    return [repo_root.parent / _LOCAL_COPY, Path.cwd().parent / _LOCAL_COPY]
+def packaged_shakespeare() -> bytes:
+    """The text of the copy inside the package, decompressed; a DataError if it is missing
+    or does not hash to SHAKESPEARE_SHA256."""
+    resource = importlib.resources.files("model").joinpath(*SHAKESPEARE_PACKAGED)
+    try:
+        data = lzma.decompress(resource.read_bytes())
+    except (OSError, lzma.LZMAError) as e:
+        raise DataError(f"the packaged tiny Shakespeare ({resource}) cannot be read "
+                        f"({_one_line(e)}); reinstall tinygrad_lite or pass --data FILE") from None
+    return _verified(data, resource)
 
 
 def _verified(data: bytes, source: object) -> bytes:
@@ -82,39 +88,18 @@ def _verified(data: bytes, source: object) -> bytes:
     return data
 
 
-def _download(url: str, target: Path) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            return response.read()
-    except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
-        reason = getattr(e, "reason", e)
-        raise DataError(f"cannot download tiny Shakespeare ({_one_line(reason)}); pass "
-                        f"--data FILE or put the file at {target}") from None
-
-
 def shakespeare_path(cache_dir: str | Path | None = None) -> Path:
     """A hash-verified copy of tiny Shakespeare: <cache_dir>/tinyshakespeare/input.txt.
 
-    cache_dir defaults to default_cache_dir(). Looked for, in order:
-    1. the cache itself (a copy with a wrong hash is deleted, then fetched again);
-    2. a local copy at ../shared/data/tinyshakespeare/input.txt, relative to the repo
-       root or the CWD's parent, copied into the cache once its hash checks out;
-    3. a download from SHAKESPEARE_URL.
-    A wrong hash from 2. or 3. is a DataError and nothing is written. Offline with no
-    copy, the DataError says how to provide the file.
+    cache_dir defaults to default_cache_dir(). A cached copy with the right hash is used
+    as it is; otherwise (first use, or a truncated or tampered file) the copy shipped in
+    the package is decompressed, its sha256 checked, and written there atomically.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / "tinyshakespeare" / "input.txt"
-    if target.is_file():
-        if _sha256(target.read_bytes()) == SHAKESPEARE_SHA256:
-            return target
-        target.unlink()  # truncated or tampered: never keep it, fetch a good one below
-    copy = next((p for p in _local_copies() if p.is_file()), None)
-    if copy is not None:
-        data = _verified(copy.read_bytes(), copy)
-    else:
-        data = _verified(_download(SHAKESPEARE_URL, target), SHAKESPEARE_URL)
-    _atomic_write(target, data)
+    if target.is_file() and _sha256(target.read_bytes()) == SHAKESPEARE_SHA256:
+        return target
+    _atomic_write(target, packaged_shakespeare())
     return target
 
 

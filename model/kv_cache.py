@@ -51,4 +51,5 @@ class KVCache:
 
     def read(self, layer: int, end: int) -> tuple[Tensor, Tensor]:
         """Keys and values of positions 0 .. end-1: 2 x (B, nh, end, hs), views of the buffers."""
-        return Tensor(self.k[layer][:, :, :end]), Tensor(self.v[layer][:, :, :end])
+        # NOTE: wrapped as they are (no copy, no checks): the buffers are the model's own arrays
+        return Tensor._from_array(self.k[layer][:, :, :end]), Tensor._from_array(self.v[layer][:, :, :end])

@@ -1,9 +1,6 @@
-"""Tests for model/data.py: one-line errors, the token cache, batches, and finding
-tiny Shakespeare. Offline: every download is a monkeypatched urlopen."""
+"""Tests for model/data.py: one-line errors, the token cache, batches, and the tiny
+Shakespeare shipped in the package (offline: a test fails if anything opens a socket)."""
 import hashlib
-import io
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +11,6 @@ from model.data import DataError, encode_dataset, get_batch, load_text, shakespe
 from model.tokenizer import make_tokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 5
-REAL_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def assert_one_line(error: pytest.ExceptionInfo, *fragments: str) -> None:
@@ -177,81 +173,60 @@ def test_get_batch_too_short():
 
 @pytest.fixture
 def offline(monkeypatch):
-    """No network and no local copy unless a test provides one."""
+    """No network: any attempt to open a connection fails the test."""
+    import socket
+
     def refuse(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    monkeypatch.setattr(data_module, "_local_copies", lambda: [])
-
-
-@pytest.fixture
-def fake_shakespeare(monkeypatch):
-    """Make a small text the 'real' one by pointing the expected hash at it."""
-    body = TEXT.encode()
-    monkeypatch.setattr(data_module, "SHAKESPEARE_SHA256", hashlib.sha256(body).hexdigest())
-    return body
+        raise AssertionError("tiny Shakespeare must not need the network")
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
-def test_shakespeare_path_copies_a_verified_local_copy(tmp_path, offline, monkeypatch):
-    if not REAL_COPY.is_file():
-        pytest.skip(f"no local copy at {REAL_COPY}")
-    monkeypatch.setattr(data_module, "_local_copies", lambda: [REAL_COPY])
+def test_shakespeare_path_unpacks_the_packaged_copy(tmp_path, offline):
     path = shakespeare_path(tmp_path / "cache")
     assert path == tmp_path / "cache" / "tinyshakespeare" / "input.txt"
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == data_module.SHAKESPEARE_SHA256
+    data = path.read_bytes()
+    assert len(data) == 1_115_394 and hashlib.sha256(data).hexdigest() == data_module.SHAKESPEARE_SHA256
+    assert [p.name for p in path.parent.iterdir()] == ["input.txt"]  # no temp file left over
     assert shakespeare_path(tmp_path / "cache") == path  # second call: straight from the cache
 
 
-def test_shakespeare_path_default_looks_next_to_the_repo():
-    assert REAL_COPY in data_module._local_copies()
-
-
-def test_shakespeare_path_honours_the_env_var(tmp_path, offline, fake_shakespeare, monkeypatch):
-    local = tmp_path / "shared_input.txt"
-    local.write_bytes(fake_shakespeare)
-    monkeypatch.setattr(data_module, "_local_copies", lambda: [local])
+def test_shakespeare_path_honours_the_env_var(tmp_path, offline, monkeypatch):
     monkeypatch.setenv("TINYGRAD_LITE_CACHE", str(tmp_path / "envcache"))
     assert shakespeare_path() == tmp_path / "envcache" / "tinyshakespeare" / "input.txt"
 
 
-def test_shakespeare_path_rejects_a_local_copy_with_the_wrong_hash(tmp_path, offline, monkeypatch):
-    bad = tmp_path / "input.txt"
-    bad.write_text("not shakespeare")
-    monkeypatch.setattr(data_module, "_local_copies", lambda: [bad])
-    with pytest.raises(DataError) as e:
-        shakespeare_path(tmp_path / "cache")
-    assert_one_line(e, str(bad), "sha256")
-    assert not (tmp_path / "cache" / "tinyshakespeare" / "input.txt").exists()
-
-
-def test_shakespeare_path_replaces_a_corrupt_cache_file(tmp_path, offline, fake_shakespeare, monkeypatch):
+def test_shakespeare_path_replaces_a_corrupt_cache_file(tmp_path, offline):
     cached = tmp_path / "tinyshakespeare" / "input.txt"
     cached.parent.mkdir(parents=True)
-    cached.write_bytes(fake_shakespeare[:10])  # a truncated earlier download
-    local = tmp_path / "good.txt"
-    local.write_bytes(fake_shakespeare)
-    monkeypatch.setattr(data_module, "_local_copies", lambda: [local])
-    assert shakespeare_path(tmp_path).read_bytes() == fake_shakespeare
+    cached.write_bytes(b"First Citizen:\nBefore we")  # a truncated earlier copy
+    assert hashlib.sha256(shakespeare_path(tmp_path).read_bytes()).hexdigest() == data_module.SHAKESPEARE_SHA256
 
 
-def test_shakespeare_path_offline_without_a_copy(tmp_path, offline):
+def test_a_packaged_copy_with_the_wrong_hash_is_refused(tmp_path, offline, monkeypatch):
+    monkeypatch.setattr(data_module, "SHAKESPEARE_SHA256", "0" * 64)
     with pytest.raises(DataError) as e:
         shakespeare_path(tmp_path)
-    assert_one_line(e, "cannot download", "--data FILE", str(tmp_path / "tinyshakespeare" / "input.txt"))
+    assert_one_line(e, "tinyshakespeare.txt.xz", "sha256", "refusing")
     assert not (tmp_path / "tinyshakespeare" / "input.txt").exists()
 
 
-def test_shakespeare_path_downloads_and_verifies(tmp_path, offline, fake_shakespeare, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(fake_shakespeare))
-    path = shakespeare_path(tmp_path)
-    assert path.read_bytes() == fake_shakespeare
-    assert [p.name for p in path.parent.iterdir()] == ["input.txt"]  # no temp file left over
-
-
-def test_shakespeare_path_rejects_a_bad_download(tmp_path, offline, fake_shakespeare, monkeypatch):
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(b"<html>rate limited</html>"))
+def test_a_missing_packaged_copy_says_what_to_do(tmp_path, offline, monkeypatch):
+    monkeypatch.setattr(data_module, "SHAKESPEARE_PACKAGED", ("assets", "nothing-here.txt.xz"))
     with pytest.raises(DataError) as e:
         shakespeare_path(tmp_path)
-    assert_one_line(e, "sha256", data_module.SHAKESPEARE_URL)
-    assert not (tmp_path / "tinyshakespeare" / "input.txt").exists()
+    assert_one_line(e, "nothing-here.txt.xz", "reinstall", "--data FILE")
+
+
+def test_the_built_wheel_carries_tiny_shakespeare(tmp_path):
+    """The compressed text is package data: a wheel built from this checkout contains it."""
+    import subprocess
+    import sys
+    import zipfile
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("tinygrad_lite-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "model/assets/tinyshakespeare.txt.xz" in names, names

@@ -43,7 +43,8 @@ OPENBLAS_SPIN = "10"  # the value scripts put in OPENBLAS_THREAD_TIMEOUT (knob 1
 PARALLEL_MIN_SIZE = 1 << 16  # below this many elements, threads cost more than they save
 CHUNK_ELEMENTS = 1 << 16  # 256 KB of float32 per array: a few arrays' pieces fit in a core's L2
 
-_threads: int | None = None  # this process's thread budget; None: the default, read lazily
+_threads: int | None = None  # this process's thread budget; None: the default
+_default_threads: int | None = None  # read from the environment on first use, then kept
 _malloc_tuned = False
 _pool = None  # the kernels' thread pool, started on first use (never at import)
 _blas_controller = None
@@ -85,7 +86,12 @@ def default_threads() -> int:
 
 def num_threads() -> int:
     """How many cores this process may use now (BLAS and the kernels' pool)."""
-    return _threads if _threads is not None else default_threads()
+    global _default_threads
+    if _threads is not None:
+        return _threads
+    if _default_threads is None:  # NOTE: once: os.cpu_count() costs ~10 us, and every kernel asks
+        _default_threads = default_threads()
+    return _default_threads
 
 
 def _limit_blas(n: int):
