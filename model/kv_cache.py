@@ -33,7 +33,7 @@ class KVCache:
 
     def write(self, layer: int, k, v, start_pos: int) -> None:
         """Store k, v (B, nh, T, hs), Tensors or arrays, at positions start_pos .. start_pos+T-1."""
-        k, v = (t.data if isinstance(t, Tensor) else t for t in (k, v))
+        k, v = (k.data if isinstance(k, Tensor) else k), (v.data if isinstance(v, Tensor) else v)
         end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
@@ -46,7 +46,7 @@ class KVCache:
         """Store the keys and values of c_attn's packed output qkv (B, T, 3C)."""
         B, T, C3 = qkv.shape
         heads = qkv.data.reshape(B, T, 3, self.n_head, self.head_size)  # a view
-        k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in (1, 2))  # 2 x (B, nh, T, hs) views
+        k, v = heads[:, :, 1].transpose(0, 2, 1, 3), heads[:, :, 2].transpose(0, 2, 1, 3)  # (B, nh, T, hs) views
         self.write(layer, k, v, start_pos)
 
     def read(self, layer: int, end: int) -> tuple[Tensor, Tensor]:

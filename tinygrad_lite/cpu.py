@@ -156,8 +156,11 @@ def apply_settings(wanted: dict[str, Any]) -> None:
 def row_blocks(array) -> list:
     """How parallel_rows splits `array`'s first axis: a list of slices (one slice for
     CuPy, for small arrays, or when this process has one thread)."""
-    rows, n = array.shape[0], num_threads()
-    if n == 1 or not isinstance(array, numpy.ndarray) or array.size < PARALLEL_MIN_SIZE or rows < 2:
+    rows = array.shape[0]
+    if not isinstance(array, numpy.ndarray) or array.size < PARALLEL_MIN_SIZE or rows < 2:
+        return [slice(None)]  # (checked first: most arrays are small, and this runs for every kernel)
+    n = num_threads()
+    if n == 1:
         return [slice(None)]
     step = -(-rows // n)
     return [slice(start, start + step) for start in range(0, rows, step)]

@@ -186,10 +186,10 @@ class FastEmbedding(Function):
 # --- the tier's functions (what functional.py calls when this tier is selected) ------------
 
 
-def gelu(x): return FastGELU.apply(x)
+gelu = FastGELU.apply  # (x): its own apply, as in fused.py
+embedding = FastEmbedding.apply  # (weight, ids)
 def softmax(x, axis=-1): return FastSoftmax.apply(x, axis=axis)
 def layer_norm(x, weight, bias=None, eps=1e-5): return FastLayerNorm.apply(x, weight, bias, eps=eps)
-def embedding(weight, ids): return FastEmbedding.apply(weight, ids)
 
 
 def scaled_dot_product_attention(q, k, v, causal=True, dropout_p=0.0):

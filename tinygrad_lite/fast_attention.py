@@ -101,9 +101,11 @@ class FastPackedAttention(Function):
         def block(qkv, out, *cached):
             b = qkv.shape[0]
             heads = qkv.reshape(b, T, 3, n_head, head_size)  # a view
-            q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # 3 x (b, nh, T, hs) views
+            q = heads[:, :, 0].transpose(0, 2, 1, 3)  # (b, nh, T, hs) view
             if cached:  # every position so far, this step's included
                 k, v = cached
+            else:
+                k, v = heads[:, :, 1].transpose(0, 2, 1, 3), heads[:, :, 2].transpose(0, 2, 1, 3)
             y, saved = attention_forward(q, k, v, True, dropout_p)
             out[...] = y.transpose(0, 2, 1, 3).reshape(b, T, C3 // 3)  # heads side by side again
             return saved

@@ -26,14 +26,15 @@ from .tensor import Tensor
 TIERS = {"primitive": primitive, "fused": fused, "fast": fast}
 DEFAULT_TIER = "fast"
 _tier = DEFAULT_TIER
+_ops = TIERS[_tier]  # the selected tier's module: every op below calls into it
 
 
 def set_ops_tier(name: str) -> str:
     """Select the tier every op below runs ("primitive", "fused" or "fast"); returns the old one."""
-    global _tier
+    global _tier, _ops
     if name not in TIERS:
         raise ValueError(f"unknown ops tier {name!r}; choose one of: {', '.join(TIERS)}")
-    previous, _tier = _tier, name
+    previous, _tier, _ops = _tier, name, TIERS[name]
     return previous
 
 
@@ -51,24 +52,20 @@ def ops_tier(name: str) -> Iterator[None]:
         set_ops_tier(previous)
 
 
-def _ops():
-    return TIERS[_tier]
-
-
 # --- the ops ---------------------------------------------------------------------------
 
 
 def gelu(x: Tensor) -> Tensor:
     """GELU, tanh approximation (GPT-2)."""
-    return _ops().gelu(x)
+    return _ops.gelu(x)
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
-    return _ops().softmax(x, axis)
+    return _ops.softmax(x, axis)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
-    return _ops().log_softmax(x, axis)
+    return _ops.log_softmax(x, axis)
 
 
 def check_ids(ids, upper: int, what: str, ignore_index=None) -> None:
@@ -95,30 +92,31 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int | None = None) -> T
         raise ValueError(f"cross_entropy: targets shape {tuple(targets.shape)} does not match "
                          f"logits shape {logits.shape} without its last axis")
     check_ids(targets, logits.shape[-1], "cross_entropy: target", ignore_index)
-    return _ops().cross_entropy(logits, targets, ignore_index)
+    return _ops.cross_entropy(logits, targets, ignore_index)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     """Normalise x (..., C) over its last axis, then scale by weight (C,) and shift by bias (C,)."""
+    C = x.data.shape[-1:]  # (on .data: cheaper, and this runs for every layer norm)
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and p.shape != x.shape[-1:]:
+        if p is not None and p.data.shape != C:
             raise ValueError(f"layer_norm: {name} has shape {p.shape} but x {x.shape} needs {x.shape[-1:]}")
-    return _ops().layer_norm(x, weight, bias, eps)
+    return _ops.layer_norm(x, weight, bias, eps)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., in) @ weight(out, in)^T + bias (out,)."""
-    if x.shape[-1] != weight.shape[1]:
+    if x.data.shape[-1] != weight.data.shape[1]:  # (on .data: cheaper, and this runs for every linear)
         raise ValueError(f"linear: input has {x.shape[-1]} features but weight {weight.shape} "
                          f"expects {weight.shape[1]}")
-    return _ops().linear(x, weight, bias)
+    return _ops.linear(x, weight, bias)
 
 
 def embedding(weight: Tensor, ids) -> Tensor:
     """Rows of weight (V, C) for integer ids (...): (..., C)."""
     ids = _int_array(ids, weight, "embedding ids must be integers")
     check_ids(ids, weight.shape[0], "embedding: token id")
-    return _ops().embedding(weight, ids)
+    return _ops.embedding(weight, ids)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -127,7 +125,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if not training or p == 0:
         return x
-    return _ops().dropout(x, p)
+    return _ops.dropout(x, p)
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
@@ -141,12 +139,12 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit together")
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs at least as many keys as queries ({Tk} < {Tq})")
-    return _ops().scaled_dot_product_attention(q, k, v, causal, dropout_p)
+    return _ops.scaled_dot_product_attention(q, k, v, causal, dropout_p)
 
 
 def has_packed_attention() -> bool:
     """Does the selected tier have a kernel for the whole multi-head attention (the fast one)?"""
-    return hasattr(_ops(), "packed_causal_attention")
+    return hasattr(_ops, "packed_causal_attention")
 
 
 def packed_causal_attention(qkv: Tensor, n_head: int, dropout_p: float = 0.0,
@@ -155,12 +153,15 @@ def packed_causal_attention(qkv: Tensor, n_head: int, dropout_p: float = 0.0,
     C = n_head * head_size wide, as c_attn makes them) to (B, T, C), heads merged, in one
     kernel of the fast tier. kv: (keys, values) (B, nh, Tk, hs) from a KV cache that
     already holds this step's (inference only)."""
-    if not has_packed_attention():
+    kernel = getattr(_ops, "packed_causal_attention", None)
+    if kernel is None:
         raise RuntimeError(f"the {_tier!r} ops tier has no packed attention kernel (only 'fast' has)")
     if qkv.shape[-1] % (3 * n_head):
         raise ValueError(f"packed qkv of width {qkv.shape[-1]} does not split into 3 x {n_head} heads")
-    arrays = None if kv is None else tuple(t.data if isinstance(t, Tensor) else t for t in kv)
-    return _ops().packed_causal_attention(qkv, n_head, dropout_p, arrays)
+    if kv is not None:
+        keys, values = kv
+        kv = (keys.data if isinstance(keys, Tensor) else keys, values.data if isinstance(values, Tensor) else values)
+    return kernel(qkv, n_head, dropout_p, kv)
 
 
 # --- Tensor's methods for these ops ------------------------------------------------------
