@@ -3,7 +3,8 @@
     python train.py                                   # CPU preset, char-level Shakespeare
     python train.py --preset shakespeare-char --device cuda
     python train.py --data my.txt --tokenizer cl100k_base-compact --max-iters 500
-    python train.py --resume                          # continue from out-shakespeare-char/ckpt.npz
+    python train.py --resume                          # continue from the checkpoint in out-shakespeare-char-cpu
+    python train.py --init-from gpt2                  # fine-tune GPT-2 on tiny Shakespeare (preset finetune-gpt2)
     python train.py --ops primitive --max-iters 200   # the same run on the readable ops
 
 The loop, as in every framework: get a batch, forward, loss, backward, clip, step,
@@ -24,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from model.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from model import pretrained
+from model.checkpoint import MANIFEST, CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from model.cli import HelpFormatter, OneLineParser, UserError, report
 from model.data import encode_dataset, get_batch, load_text, shakespeare_path
 from model.gpt import GPT, GPTConfig
@@ -47,18 +49,31 @@ PRESETS = {
         lr=1e-3, min_lr=1e-4, warmup_iters=100, lr_decay_iters=5000, beta1=0.9, beta2=0.99,
         weight_decay=0.1, grad_clip=1.0, dropout=0.2, eval_interval=250, eval_iters=200,
         tokenizer="char", pos="learned", grad_accum=1, device="cuda"),
+    # nanoGPT's finetune_shakespeare, sized for a CPU: GPT-2 (124M) on tiny Shakespeare in
+    # GPT-2's BPE, a small constant learning rate, few iterations, contexts of 256 tokens
+    # (wpe cropped from 1024). The architecture comes from the pretrained model.
+    "finetune-gpt2": dict(
+        init_from="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=256, batch_size=4, max_iters=20,
+        lr=3e-5, min_lr=3e-5, warmup_iters=0, lr_decay_iters=20, beta1=0.9, beta2=0.95,
+        weight_decay=0.1, grad_clip=1.0, dropout=0.0, eval_interval=10, eval_iters=4,
+        tokenizer="gpt2", pos="learned", grad_accum=2, device="cpu"),
 }
 DEFAULT_PRESET = "shakespeare-char-cpu"
-ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "pos", "bias")
+FINETUNE_PRESET = "finetune-gpt2"  # the default when --init-from names a pretrained GPT-2
+ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "pos", "bias", "layer_norm_eps")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     preset = PRESETS[DEFAULT_PRESET]
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: {DEFAULT_PRESET}, "
+                   f"or {FINETUNE_PRESET} when --init-from names a GPT-2)")
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: tiny Shakespeare, shipped in the package)")
     p.add_argument("--out-dir", default=None, help="checkpoint and logs (default: out-<preset>)")
-    p.add_argument("--init-from", default=None, help="start from this out dir's weights (fine-tuning)")
+    p.add_argument("--init-from", default=None,
+                   help="start from these weights (fine-tuning): an out dir of train.py, a folder in the Hugging "
+                        "Face layout (config.json + model.safetensors), or a hub name (gpt2, gpt2-medium, "
+                        "gpt2-large, gpt2-xl, distilgpt2), in that order")
     for name, kind in [("max-iters", int), ("batch-size", int), ("block-size", int), ("n-layer", int),
                        ("n-head", int), ("n-embd", int), ("dropout", float), ("lr", float),
                        ("min-lr", float), ("warmup-iters", int), ("lr-decay-iters", int),
@@ -87,13 +102,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Preset values, overridden by every flag the user gave."""
+    if args.preset is None:  # a pretrained GPT-2 wants fine-tuning settings, not the char model's
+        pretrained = args.init_from and not has_checkpoint(args.init_from)
+        args.preset = FINETUNE_PRESET if pretrained else DEFAULT_PRESET
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     cfg = dict(PRESETS[args.preset])
+    cfg.setdefault("init_from", None)
     for key, value in vars(args).items():
         if value is not None and key in cfg:
             cfg[key] = value
-    cfg.update(seed=args.seed, preset=args.preset, bias=False)
+    cfg.update(seed=args.seed, preset=args.preset, bias=False, layer_norm_eps=1e-5)
     cfg["out_dir"] = args.out_dir or f"out-{args.preset}"
     if Path(cfg["out_dir"]).exists() and not Path(cfg["out_dir"]).is_dir():
         raise UserError(f"--out-dir {cfg['out_dir']} is a file, not a folder")
@@ -151,25 +170,49 @@ def check_training_header(meta: dict, path: Path) -> None:
     """A checkpoint to resume or fine-tune from must carry train.py's config and tokenizer."""
     config = meta.get("config")
     missing = [k for k in ("config", "tokenizer") if k not in meta]
-    missing += [f"config.{k}" for k in ARCH_KEYS + ("tokenizer",) if isinstance(config, dict) and k not in config]
+    missing += [f"config.{k}" for k in ("n_layer", "n_head", "n_embd", "block_size", "pos", "bias", "tokenizer")
+                if isinstance(config, dict) and k not in config]
     if missing:
         raise CheckpointError(f"{path} has no {', '.join(missing)} in its header; was it written by train.py?")
 
 
 def starting_checkpoint(cfg: dict, args: argparse.Namespace):
-    """The checkpoint to resume (--resume) or fine-tune (--init-from) from, or None; the
-    architecture it fixes is copied into cfg."""
-    if not (args.resume or args.init_from):
+    """(model state, header, optimizer state) to start from, or None: --resume reads the out
+    dir's checkpoint; --init-from an out dir of ours, a GPT-2 folder or a hub name
+    (model/pretrained.py). The architecture it fixes is copied into cfg."""
+    if args.resume:
+        checkpoint = load_checkpoint(cfg["out_dir"])  # CheckpointError on any problem
+        check_training_header(checkpoint[1], Path(cfg["out_dir"]))
+    elif cfg.get("init_from"):
+        kind, path = pretrained.resolve(cfg["init_from"])  # PretrainedError (one line) if it cannot be had
+        if kind == "ours":
+            checkpoint = load_checkpoint(path)
+            check_training_header(checkpoint[1], path)
+        else:
+            checkpoint = pretrained_start(path)
+    else:
         return None
-    path = Path(cfg["out_dir"] if args.resume else args.init_from) / CHECKPOINT_NAME
-    checkpoint = load_checkpoint(path)  # CheckpointError on any problem
-    check_training_header(checkpoint[1], path)
     saved = checkpoint[1]["config"]
-    for key in ARCH_KEYS + (("tokenizer",) if args.resume else ()):
-        cfg[key] = saved[key]
+    wanted_block = cfg["block_size"]
+    for key in ARCH_KEYS + (("tokenizer", "dropout") if args.resume else ()):
+        cfg[key] = saved.get(key, 1e-5 if key == "layer_norm_eps" else None)  # (older headers lack eps)
+    if not args.resume and wanted_block < cfg["block_size"]:  # fine-tune on shorter contexts: crop wpe
+        cfg["crop_block_size"] = wanted_block
     if args.resume and saved.get("data") and not cfg.get("data"):
         cfg["data"] = saved["data"]
     return checkpoint
+
+
+def pretrained_start(path: Path):
+    """A GPT-2 folder as a starting checkpoint: its weights and a header that names its
+    architecture and tokenizer (GPT-2's BPE from the folder's files, else tiktoken's gpt2)."""
+    model = pretrained.load_hf_dir(path)
+    tokenizer = model.tokenizer or make_tokenizer("gpt2", "")  # TokenizerUnavailableError offline
+    c = model.config
+    config = {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.block_size,
+              "pos": c.pos, "bias": c.bias, "layer_norm_eps": c.layer_norm_eps, "tokenizer": "gpt2"}
+    state = {name: p.data for name, p in model.named_parameters()}  # the arrays themselves: no copy
+    return state, {"config": config, "tokenizer": tokenizer.to_dict(), "init_from": str(path)}, None
 
 
 def load_data(cfg: dict, checkpoint, out_dir: Path):
@@ -202,9 +245,12 @@ def setup(cfg: dict, args: argparse.Namespace) -> Run:
     backend.manual_seed(cfg["seed"])
     checkpoint = starting_checkpoint(cfg, args)
     tokenizer, train_ids, val_ids = load_data(cfg, checkpoint, out_dir)
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
+    vocab_size = tokenizer.vocab_size
+    if checkpoint is not None and "wte.weight" in checkpoint[0]:
+        vocab_size = len(checkpoint[0]["wte.weight"])  # a model may have more rows than its tokenizer
+    config = GPTConfig(vocab_size=vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
                        n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
-                       bias=cfg["bias"], pos=cfg["pos"])
+                       bias=cfg["bias"], pos=cfg["pos"], layer_norm_eps=cfg["layer_norm_eps"])
     model = GPT(config)
     optimizer = optim.AdamW(model.optimizer_groups(cfg["weight_decay"]), lr=cfg["lr"],
                             betas=(cfg["beta1"], cfg["beta2"]))
@@ -218,9 +264,12 @@ def setup(cfg: dict, args: argparse.Namespace) -> Run:
             model.load_state_dict(model_state)
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"checkpoint does not fit this model: {e}") from None
+        if cfg.get("crop_block_size"):
+            model.crop_block_size(cfg["crop_block_size"])
+            cfg["block_size"] = cfg.pop("crop_block_size")
         if args.resume:
             if optim_state is None:
-                raise CheckpointError(f"{out_dir / CHECKPOINT_NAME} has no optimizer state; cannot resume exactly")
+                raise CheckpointError(f"{out_dir / MANIFEST} has no optimizer state; cannot resume exactly")
             optimizer.load_state_dict(optim_state)
             run.iter_num, run.best_val = meta["iter_num"], meta.get("best_val", math.inf)
             run.rng.bit_generator.state = meta["data_rng"]
@@ -291,7 +340,7 @@ def save(run: Run) -> None:
     meta = {"config": {**cfg, "vocab_size": tokenizer.vocab_size}, "model_config": run.model.config.to_dict(),
             "tokenizer": tokenizer.to_dict(), "iter_num": run.iter_num, "best_val": run.best_val,
             "losses": run.losses, "data_rng": run.rng.bit_generator.state, "dropout_rng": backend.rng_state()}
-    save_checkpoint(run.out_dir / CHECKPOINT_NAME, run.model.state_dict(), meta, run.optimizer.state_dict())
+    save_checkpoint(run.out_dir, run.model.state_dict(), meta, run.optimizer.state_dict())
 
 
 def evaluate_and_checkpoint(run: Run, say) -> None:
@@ -383,7 +432,7 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
                 loss, grad_norm = train_step(run, lr)
             except NonFiniteStep as e:
                 if not args.skip_nonfinite:
-                    raise UserError(f"{e}; stopped, the last good checkpoint {run.out_dir / CHECKPOINT_NAME} "
+                    raise UserError(f"{e}; stopped, the last good checkpoint in {run.out_dir} "
                                     "is kept (lower --lr, or pass --skip-nonfinite)") from None
                 say(f"{e}: step skipped")
                 run.iter_num += 1
@@ -421,7 +470,7 @@ def summarize(run: Run, log_path: Path, tokens_per_s: float | None, peak_flops: 
         print(f"done: {tokens_per_s:,.0f} tokens/s, MFU {100 * summary['mfu']:.1f}% "
               f"of {peak_flops / 1e9:.0f} GFLOP/s", file=sys.stderr)
     print(f"final: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}; "
-          f"checkpoint {run.out_dir / CHECKPOINT_NAME}", file=sys.stderr)
+          f"checkpoint {run.out_dir / MANIFEST}", file=sys.stderr)
     if plot_losses(log_path, run.out_dir / "loss.png"):
         print(f"loss curve: {run.out_dir / 'loss.png'}", file=sys.stderr)
     return summary

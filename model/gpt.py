@@ -26,6 +26,7 @@ class GPTConfig:
     dropout: float = 0.0  # 0 for small data / CPU runs; 0.2 for the GPU Shakespeare preset
     bias: bool = False  # biases in Linear and LayerNorm (GPT-2: True; nanoGPT's default: False)
     pos: str = "learned"  # "learned" absolute positions (GPT-2) or "rope" (Llama)
+    layer_norm_eps: float = 1e-5  # added to the variance in every layer norm (GPT-2's, too)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -39,6 +40,8 @@ class GPTConfig:
             raise ValueError(f"RoPE needs an even head size; n_embd/n_head = {self.n_embd // self.n_head}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,9 +67,9 @@ class Block(nn.Module):
     """
 
     def __init__(self, config: GPTConfig, rope: RotaryEmbedding | None) -> None:
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps)
         self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.dropout, config.bias, rope)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0) -> Tensor:
@@ -84,10 +87,25 @@ class GPT(nn.Module):
                 if config.pos == "rope" else None)
         self.drop = nn.Dropout(config.dropout)
         self.h = [Block(config, rope) for _ in range(config.n_layer)]
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps)
         # the output head reuses wte (weight tying): reading and writing a token share one
         # vector, which saves V x C parameters and trains the embedding from both sides
         self._init_weights()
+        self.tokenizer = None  # set by from_pretrained: the tokenizer the weights were trained with
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, dropout: float = 0.0) -> "GPT":
+        """Load GPT-2 ("gpt2", "gpt2-medium", ..., "distilgpt2", downloaded on first use), a
+        folder in the Hugging Face layout (config.json + model.safetensors), or an out dir
+        of train.py. The tokenizer comes along as model.tokenizer. See model/pretrained.py."""
+        from .pretrained import from_pretrained  # NOTE: imported here: pretrained.py builds on this file
+        return from_pretrained(name_or_dir, dropout)
+
+    def save_pretrained(self, directory, tokenizer=None):
+        """Write config.json + model.safetensors (+ the GPT-2 tokenizer's files) in the layout
+        that transformers' GPT2LMHeadModel.from_pretrained reads."""
+        from .pretrained import save_hf_dir  # NOTE: imported here: pretrained.py builds on this file
+        return save_hf_dir(self, directory, tokenizer)
 
     def _init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02) weights, zero biases; the projections that write into the
@@ -126,6 +144,16 @@ class GPT(nn.Module):
         logits = F.linear(x, self.wte.weight)  # (B, T, V): tied output head
         loss = F.cross_entropy(logits, targets) if targets is not None else None
         return logits, loss
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shorten the context to block_size (< the current one): keep wpe's first rows. For
+        fine-tuning GPT-2 (1024 positions) on shorter sequences, as nanoGPT does."""
+        if not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"can only crop block_size {self.config.block_size} to 1..{self.config.block_size}, "
+                             f"not {block_size}")
+        self.config.block_size = block_size
+        if self.wpe is not None:
+            self.wpe.weight.data = self.wpe.weight.data[:block_size].copy()
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         c = self.config

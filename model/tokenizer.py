@@ -39,6 +39,8 @@ encodings (gpt2, o200k_base, ...) are downloaded, or read from TIKTOKEN_CACHE_DI
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -242,6 +244,79 @@ class CompactTiktokenTokenizer:
                 "kept_ids": self.kept_ids.tolist()}
 
 
+# GPT-2's split of text into pre-tokens before BPE (from OpenAI's encoder.py): contractions,
+# runs of letters, runs of digits, runs of other symbols, each with an optional leading space
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2's files spell bytes as printable characters: a printable byte stands for itself,
+    every other byte (space, control bytes, ...) for chr(256 + n), in byte order."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def gpt2_bpe_ranks(vocab: dict[str, int], merges: list[str]) -> tuple[dict[bytes, int], dict[str, int]]:
+    """(mergeable ranks for tiktoken, special tokens) from GPT-2's vocab.json and merges.txt.
+
+    A BPE vocabulary is the 256 single bytes, then one token per merge, in merge order;
+    vocab.json must number them that way (GPT-2's does), or the files do not belong together.
+    """
+    alphabet = _gpt2_byte_alphabet()
+
+    def to_bytes(token: str) -> bytes:
+        try:
+            return bytes(alphabet[c] for c in token)
+        except KeyError:
+            raise ValueError(f"vocab.json token {token!r} is not in GPT-2's byte alphabet") from None
+    special = {t: i for t, i in vocab.items() if t.startswith("<|") and t.endswith("|>")}
+    ranks = {to_bytes(t): i for t, i in vocab.items() if t not in special}
+    order = [bytes([b]) for b in alphabet.values()]  # the 256 single bytes, in GPT-2's numbering
+    for line in merges:
+        first, second = line.split()
+        order.append(to_bytes(first) + to_bytes(second))
+    if {b: i for i, b in enumerate(order)} != ranks:
+        raise ValueError("vocab.json and merges.txt do not match: the vocabulary must be the 256 "
+                         "bytes and then one token per merge, in merge order")
+    return ranks, special
+
+
+class GPT2BPETokenizer:
+    """GPT-2's byte-level BPE read from its Hugging Face files, vocab.json and merges.txt.
+
+    tiktoken runs it (GPT-2's own regex and merges), so it encodes exactly as tiktoken's
+    `gpt2` encoding does for those files, but needs no download: a GPT-2 directory from
+    the hub carries both files. Special tokens (<|endoftext|>) stay plain text in
+    `encode`, as everywhere here. The files' contents travel in `to_dict()`, so a
+    checkpoint is self-contained.
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: str) -> None:
+        lines = [line for line in merges.splitlines() if line and not line.startswith("#version")]
+        ranks, special = gpt2_bpe_ranks(vocab, lines)
+        name = "gpt2-files-" + hashlib.sha256(json.dumps([vocab, lines]).encode()).hexdigest()[:12]
+        self.enc = tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+        self.vocab, self.merges, self.special = vocab, merges, special
+        self.vocab_size: int = self.enc.n_vocab  # GPT-2: 50,257 (50,000 merges + 256 bytes + <|endoftext|>)
+
+    @classmethod
+    def from_files(cls, vocab_file, merges_file) -> "GPT2BPETokenizer":
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(merges_file, encoding="utf-8") as f:
+            return cls(vocab, f.read())
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return _bpe_decode(self.enc, _check_ids(ids, self.vocab_size).tolist())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "gpt2-bpe", "vocab": self.vocab, "merges": self.merges}
+
+
 # ------------------------------------------------------------------------ construction
 
 
@@ -265,9 +340,10 @@ def make_tokenizer(name: str, text: str) -> Tokenizer:
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Inverse of `to_dict()`: rebuild a tokenizer that encodes exactly as the saved one."""
     kind = d.get("kind")
-    fields = {"char": ("chars",), "tiktoken": ("encoding",), "tiktoken-compact": ("encoding", "kept_ids")}
+    fields = {"char": ("chars",), "tiktoken": ("encoding",), "tiktoken-compact": ("encoding", "kept_ids"),
+              "gpt2-bpe": ("vocab", "merges")}
     if kind not in fields:
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected char, tiktoken or tiktoken-compact")
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of: {', '.join(fields)}")
     missing = [f for f in fields[kind] if f not in d]
     if missing:
         raise ValueError(f"a {kind!r} tokenizer needs {', '.join(map(repr, missing))} in its dict; got only "
@@ -276,6 +352,8 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         return CharTokenizer(d["chars"])
     if kind == "tiktoken":
         return TiktokenTokenizer(d["encoding"])
+    if kind == "gpt2-bpe":
+        return GPT2BPETokenizer(d["vocab"], d["merges"])
     return CompactTiktokenTokenizer(d["encoding"], kept_ids=d["kept_ids"])
 
 

@@ -31,6 +31,7 @@ NUMPY_ALLOWED = {
     "model/data.py": "host-side data pipeline: token files and batches, never tensor data",
     "model/tokenizer.py": "host-side text <-> token ids, never tensor data",
     "model/checkpoint.py": "host-side checkpoint I/O of arrays already copied off the device",
+    "model/pretrained.py": "host-side GPT-2 file I/O (safetensors, transposes) of arrays on their way to the device",
 }
 
 

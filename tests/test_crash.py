@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import has_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_ITERS = 1000
@@ -29,7 +29,7 @@ def test_sigkill_at_random_moments_never_loses_the_checkpoint(tmp_path):
     rng = np.random.default_rng(2026)
     kills, iters_seen = 0, []
     for attempt in range(30):
-        resume = ["--resume"] if (out / "ckpt.npz").exists() else []
+        resume = ["--resume"] if has_checkpoint(out) else []
         proc = subprocess.Popen(cmd + resume, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
         if kills < 6:
             time.sleep(rng.uniform(0.6, 2.0))  # start-up takes about 0.5 s; then a checkpoint every step
@@ -37,7 +37,7 @@ def test_sigkill_at_random_moments_never_loses_the_checkpoint(tmp_path):
                 os.kill(proc.pid, signal.SIGKILL)
                 kills += 1
         _, err = proc.communicate(timeout=120)
-        if (out / "ckpt.npz").exists():  # after every kill the last checkpoint loads
+        if has_checkpoint(out):  # after every kill the last checkpoint loads
             iters_seen.append(load_checkpoint(out)[1]["iter_num"])
         if proc.returncode == 0:
             break

@@ -59,38 +59,45 @@ def ids(values, device="cpu") -> Tensor:
 
 
 def write_checkpoint_files(folder: Path, base: Path | None = None) -> dict[str, Path]:
-    """name -> a folder holding one kind of bad ckpt.npz. With `base` (a good out dir), the
-    header-level breakages start from its real weights and header."""
+    """name -> an out dir holding one kind of bad checkpoint: old single-file ckpt.npz
+    breakages (format 1 is still read), and breakages of the current format. With `base`
+    (a good out dir), the header-level ones start from its real weights and header."""
     files: dict[str, Path] = {}
 
     def put(name: str, content: bytes | None = None) -> Path:
+        """The out dir `name`; with content, its ckpt.npz (the old format) holds that."""
         (folder / name).mkdir(parents=True, exist_ok=True)
         if content is not None:
             (folder / name / "ckpt.npz").write_bytes(content)
         files[name] = folder / name
-        return folder / name / "ckpt.npz"
+        return folder / name
 
     put("empty", b"")
     put("text", b"just some text, not a checkpoint\n")
     np.save(folder / "array.npy", np.ones(3))
     put("npy", (folder / "array.npy").read_bytes())
-    np.savez(put("pickled"), payload=np.array([{"run": "code"}], dtype=object))
-    np.savez(put("no-meta"), w=np.ones(3, np.float32))
-    np.savez(put("bad-header"), __meta__=np.frombuffer(b"\xff\xfe{not json", dtype=np.uint8))
-    save_checkpoint(put("old-format"), {"w": np.ones(3, np.float32)}, {"format_version": FORMAT_VERSION + 1})
+    np.savez(put("pickled") / "ckpt.npz", payload=np.array([{"run": "code"}], dtype=object))
+    np.savez(put("no-meta") / "ckpt.npz", w=np.ones(3, np.float32))
+    np.savez(put("bad-header") / "ckpt.npz", __meta__=np.frombuffer(b"\xff\xfe{not json", dtype=np.uint8))
+    legacy = {"model/w": np.ones(3, np.float32), "__meta__": np.frombuffer(b'{"format_version": 1}', dtype=np.uint8)}
+    np.savez(folder / "legacy.npz", **legacy)
+    data = (folder / "legacy.npz").read_bytes()
+    put("npz-truncated", data[: len(data) // 2])
+    save_checkpoint(put("old-format"), {"w": np.ones(3, np.float32)}, {"iter_num": 1})
+    manifest = folder / "old-format" / "checkpoint.json"
+    manifest.write_text(manifest.read_text().replace(f'"format_version": {FORMAT_VERSION}',
+                                                     f'"format_version": {FORMAT_VERSION + 1}'))
     if base is None:
         save_checkpoint(put("good"), {"w": np.ones(3, np.float32)}, {"iter_num": 1})
-        data = (folder / "good" / "ckpt.npz").read_bytes()
-        put("truncated", data[: len(data) // 2])
+        truncate_weights(Path(shutil.copytree(folder / "good", put("truncated"), dirs_exist_ok=True)))
         return files
 
     state, meta, opt = load_checkpoint(base)
-    meta = {k: v for k, v in meta.items() if k != "format_version"}
-    data = (base / "ckpt.npz").read_bytes()
-    put("truncated", data[: len(data) // 2])
+    meta = {k: v for k, v in meta.items() if k not in ("format_version", "sha256")}
+    truncate_weights(Path(shutil.copytree(base, put("truncated"), dirs_exist_ok=True)))
     save_checkpoint(put("no-model-config"), state, {k: v for k, v in meta.items() if k != "model_config"}, opt)
     save_checkpoint(put("no-train-config"), state, {k: v for k, v in meta.items() if k != "config"}, opt)
-    save_checkpoint(put("no-optimizer"), state, {k: v for k, v in meta.items() if k != "optimizer"})
+    save_checkpoint(put("no-optimizer"), state, meta)
     save_checkpoint(put("broken-tokenizer"), state, {**meta, "tokenizer": {"kind": "char"}}, opt)
     chars = meta["tokenizer"]["chars"]  # same vocabulary size, different characters
     other = {"kind": "char", "chars": chars[1:] + "~"}
@@ -98,6 +105,14 @@ def write_checkpoint_files(folder: Path, base: Path | None = None) -> dict[str, 
     save_checkpoint(put("bad-weights"), {**state, "wte.weight": np.zeros((3, 3), np.float32)}, meta, opt)
     save_checkpoint(put("bad-config"), state, {**meta, "model_config": {**meta["model_config"], "n_head": 3}}, opt)
     return files
+
+
+def truncate_weights(out: Path) -> None:
+    """Cut the current checkpoint's model.safetensors in half."""
+    import json
+    weights = out / json.loads((out / "checkpoint.json").read_text())["checkpoint"] / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +218,9 @@ API_ERRORS = {
     "checkpoint-text": (lambda t, f: load_checkpoint(f["text"]), CheckpointError, r"is not a checkpoint: not an \.npz"),
     "checkpoint-npy": (lambda t, f: load_checkpoint(f["npy"]), CheckpointError, r"is not a checkpoint: not an \.npz"),
     "checkpoint-truncated": (lambda t, f: load_checkpoint(f["truncated"]), CheckpointError,
-                             "is corrupted or truncated"),
+                             "model.safetensors is corrupted: its sha256 does not match"),
+    "checkpoint-npz-truncated": (lambda t, f: load_checkpoint(f["npz-truncated"]), CheckpointError,
+                                 "is corrupted or truncated"),
     "checkpoint-no-meta": (lambda t, f: load_checkpoint(f["no-meta"]), CheckpointError, "no __meta__ header"),
     "checkpoint-bad-header": (lambda t, f: load_checkpoint(f["bad-header"]), CheckpointError,
                               "has an unreadable header"),
@@ -309,7 +326,7 @@ TRAIN_ERRORS = {
     "data-is-a-folder": (lambda c, t: ["--data", t], "is a directory, not a text file", False),
     "out-dir-is-a-file": (lambda c, t: ["--out-dir", c.text], "is a file, not a folder", False),
     "out-dir-under-a-file": (lambda c, t: ["--out-dir", c.text / "run"], "Not a directory", False),
-    "init-from-missing": (lambda c, t: ["--init-from", t / "nowhere"], "no checkpoint at", False),
+    "init-from-missing": (lambda c, t: ["--init-from", t / "nowhere"], "nowhere does not exist", False),
     "init-from-unseen-characters": (lambda c, t: ["--init-from", c.good, "--data", c.tmp / "unseen.txt"],
                                     "character(s) 'Z' are outside the char vocabulary", False),
     "init-from-broken-tokenizer": (lambda c, t: ["--init-from", c.bad["broken-tokenizer"]],
@@ -371,7 +388,8 @@ SAMPLE_ERRORS = {
     "checkpoint-npy": (lambda c, t: ["--out-dir", c.bad["npy"]], "is not a checkpoint: not an .npz (zip) file", False),
     "checkpoint-pickled": (lambda c, t: ["--out-dir", c.bad["pickled"]], "holds pickled data, which is never loaded",
                            False),
-    "checkpoint-truncated": (lambda c, t: ["--out-dir", c.bad["truncated"]], "is corrupted or truncated", False),
+    "checkpoint-truncated": (lambda c, t: ["--out-dir", c.bad["truncated"]],
+                             "model.safetensors is corrupted: its sha256 does not match", False),
     "checkpoint-no-meta": (lambda c, t: ["--out-dir", c.bad["no-meta"]], "no __meta__ header", False),
     "checkpoint-bad-header": (lambda c, t: ["--out-dir", c.bad["bad-header"]], "has an unreadable header", False),
     "checkpoint-old-format": (lambda c, t: ["--out-dir", c.bad["old-format"]], "has format version", False),

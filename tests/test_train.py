@@ -137,30 +137,100 @@ def test_pickled_checkpoint_is_refused(tmp_path):
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
-    path = tmp_path / "ckpt.npz"
-    save_checkpoint(path, {"w": np.ones(3, np.float32)}, {"iter_num": 1})
-    assert not (tmp_path / "ckpt.npz.tmp").exists()
-    assert load_checkpoint(path)[1]["iter_num"] == 1
+    save_checkpoint(tmp_path, {"w": np.ones(3, np.float32)}, {"iter_num": 1})
+    assert not list(tmp_path.glob("*.tmp"))  # nothing half-written is left
+    assert load_checkpoint(tmp_path)[1]["iter_num"] == 1
+    first = checkpoint_folder(tmp_path)
+    save_checkpoint(tmp_path, {"w": np.zeros(3, np.float32)}, {"iter_num": 2})
+    assert load_checkpoint(tmp_path)[1]["iter_num"] == 2
+    # the previous folder is kept (a reader may still be in it); older ones go
+    assert first.is_dir() and len(list(tmp_path.glob("ckpt-*"))) == 2
+    save_checkpoint(tmp_path, {"w": np.zeros(3, np.float32)}, {"iter_num": 3})
+    assert not first.exists() and len(list(tmp_path.glob("ckpt-*"))) == 2
+
+
+def test_a_reader_sees_the_old_checkpoint_or_the_new_one(tmp_path):
+    """The folder a reader found stays whole while one new checkpoint is written."""
+    from model.checkpoint import load_checkpoint_folder
+    save_checkpoint(tmp_path, {"w": np.full(4, 1.0, np.float32)}, {"iter_num": 1})
+    old = checkpoint_folder(tmp_path)  # a reader resolved the commit point here ...
+    save_checkpoint(tmp_path, {"w": np.full(4, 2.0, np.float32)}, {"iter_num": 2})
+    state, meta, _ = load_checkpoint_folder(old)  # ... and finishes reading the old one, whole
+    assert meta["iter_num"] == 1 and state["w"].tolist() == [1.0] * 4
+    assert load_checkpoint(tmp_path)[0]["w"].tolist() == [2.0] * 4
+
+
+def test_a_failed_checkpoint_write_leaves_the_old_one_and_no_temp_files(tmp_path, monkeypatch):
+    import errno
+    import os
+    import model.checkpoint as checkpoint_module
+    save_checkpoint(tmp_path, {"w": np.ones(3, np.float32)}, {"iter_num": 1})
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    real_write = checkpoint_module._fsync_write
+    for failing_call in range(1, 5):  # the weights, the optimizer, the header, the manifest
+        calls = []
+
+        def full_disk(path, data):
+            calls.append(path)
+            if len(calls) == failing_call:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            real_write(path, data)
+        monkeypatch.setattr(checkpoint_module, "_fsync_write", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            save_checkpoint(tmp_path, {"w": np.zeros(3, np.float32)}, {"iter_num": 2},
+                            {"step": 2, "lr": [0.1], "buffers": {"0.m": np.zeros(3, np.float32)}})
+        after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        assert after == before, f"call {failing_call} failed and left {set(after) ^ set(before)}"
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path)[1]["iter_num"] == 1
+
+
+def test_an_old_single_file_checkpoint_still_resumes(text_file, tmp_path):
+    """Format 1 (one ckpt.npz) is read; the run goes on in the current format."""
+    out = tmp_path / "old"
+    assert run(["--data", text_file, "--out-dir", out, "--max-iters", 4, *TINY_FLAGS])[0] == 0
+    state, meta, opt = load_checkpoint(out)
+    arrays = {f"model/{k}": v for k, v in state.items()} | {f"optim/{k}": v for k, v in opt["buffers"].items()}
+    header = {**meta, "format_version": 1, "optimizer": {"step": opt["step"], "lr": opt["lr"]}}
+    arrays["__meta__"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    np.savez(legacy / "ckpt.npz", **arrays)
+    assert load_checkpoint(legacy)[1]["iter_num"] == 4
+    assert run(["--data", text_file, "--out-dir", legacy, "--max-iters", 8, "--resume", *TINY_FLAGS])[0] == 0
+    assert load_checkpoint(legacy)[1]["iter_num"] == 8 and (legacy / "checkpoint.json").exists()
+
+
+def checkpoint_folder(out: Path) -> Path:
+    return out / json.loads((out / "checkpoint.json").read_text())["checkpoint"]
 
 
 def bad_checkpoint(kind: str, out: Path, text_file: Path) -> None:
-    """Make out/ckpt.npz broken in one way."""
+    """Break out's current checkpoint in one way."""
     assert run(["--data", text_file, "--out-dir", out, "--max-iters", 4, *TINY_FLAGS])[0] == 0
-    path = out / "ckpt.npz"
+    path = checkpoint_folder(out) / "model.safetensors"
     data = path.read_bytes()
     if kind == "truncated":
         path.write_bytes(data[: len(data) // 2])
     elif kind == "corrupted":
-        path.write_bytes(data[:100] + bytes(200) + data[300:])
+        path.write_bytes(data[:1000] + bytes(200) + data[1200:])  # in the weights, past the header
     elif kind == "garbage":
         path.write_bytes(b"not a checkpoint at all")
+    elif kind == "missing":
+        path.unlink()
+    elif kind == "bad manifest":
+        (out / "checkpoint.json").write_text("{not json")
+    elif kind == "bad header":
+        header = checkpoint_folder(out) / "state.json"
+        header.write_text(header.read_text().replace('"iter_num": 4', '"iter_num": 5'))
     elif kind == "incompatible":
-        state, meta, opt = load_checkpoint(path)
+        state, meta, opt = load_checkpoint(out)
         state["wte.weight"] = np.zeros((3, 3), np.float32)
-        save_checkpoint(path, state, {k: v for k, v in meta.items() if k != "format_version"}, opt)
+        save_checkpoint(out, state, {k: v for k, v in meta.items() if k not in ("format_version", "sha256")}, opt)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "corrupted", "garbage", "incompatible"])
+@pytest.mark.parametrize("kind", ["truncated", "corrupted", "garbage", "missing", "bad manifest", "bad header",
+                                  "incompatible"])
 def test_bad_checkpoint_on_resume_is_one_line(kind, text_file, tmp_path, capsys):
     out = tmp_path / kind
     bad_checkpoint(kind, out, text_file)
@@ -203,6 +273,6 @@ def test_cli_error_has_no_traceback_unless_debug(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == ["error: unknown preset 'nope'; choose one of: "
-                                                "shakespeare-char-cpu, shakespeare-char"]
+                                                "shakespeare-char-cpu, shakespeare-char, finetune-gpt2"]
     debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, cwd=ROOT)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
