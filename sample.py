@@ -5,6 +5,8 @@
     python sample.py --out-dir out --temperature 0               # greedy
     python sample.py --out-dir out --draft-out-dir out-small --verbose   # speculative decoding
     python sample.py --out-dir out --attention-map attn.png --layer 0    # needs matplotlib
+    python sample.py --init-from gpt2 --prompt "Hello, I'm a language model,"   # GPT-2's weights
+    python sample.py --init-from gpt2 --draft-init-from distilgpt2 --temperature 0 --verbose
 
 Errors (a missing or corrupt checkpoint, a character the vocabulary lacks, a bad flag)
 are one line on stderr and exit code 2; --debug shows the traceback.
@@ -18,12 +20,11 @@ import time
 from pathlib import Path
 
 from model.attention_plot import attention_maps, plot_attention
-from model.checkpoint import CheckpointError, load_checkpoint
 from model.cli import HelpFormatter, OneLineParser, UserError, report
 from model.generate import TextFollower, _check_stops, check_sampling, stream
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT
+from model.pretrained import load_out_dir
 from model.speculative import SpeculativeStats, speculative_stream
-from model.tokenizer import tokenizer_from_dict
 from tinygrad_lite import backend, cpu, ops_tier
 from tinygrad_lite.functional import DEFAULT_TIER, TIERS
 
@@ -32,7 +33,10 @@ SEPARATOR = "\n---------------\n"  # between samples, as nanoGPT's sample.py
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--out-dir", default="out-shakespeare-char-cpu", help="training out dir holding ckpt.npz")
+    p.add_argument("--out-dir", default="out-shakespeare-char-cpu", help="an out dir of train.py")
+    p.add_argument("--init-from", default=None,
+                   help="instead of --out-dir: an out dir, a GPT-2 folder (config.json + model.safetensors) or a "
+                        "hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2)")
     p.add_argument("--prompt", default="\n", help="start text, or @file to read it from a file")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=500)
@@ -44,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda or strict (default: TINYGRAD_LITE_DEVICE or cpu)")
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--draft-out-dir", default=None, help="a smaller checkpoint: speculative decoding")
+    p.add_argument("--draft-init-from", default=None,
+                   help="the draft as --init-from names it (e.g. distilgpt2 for a gpt2 target)")
     p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes per round (k)")
     p.add_argument("--attention-map", default=None, metavar="PNG", help="plot one layer's attention heads")
     p.add_argument("--layer", type=int, default=0, help="the layer for --attention-map")
@@ -84,34 +90,26 @@ def read_prompt(prompt: str) -> str:
         raise UserError(f"cannot read the prompt file {str(path)!r}: {getattr(e, 'strerror', None) or e}") from None
 
 
-def load_model(out_dir: str):
-    """(model in eval mode, tokenizer) from a training out dir, on the default device."""
-    state, meta, _ = load_checkpoint(out_dir)  # CheckpointError on any problem
-    if "model_config" not in meta or "tokenizer" not in meta:
-        raise CheckpointError(f"{out_dir} has no model_config/tokenizer in its header; was it written by train.py?")
-    try:
-        config = GPTConfig(**meta["model_config"])
-        model = GPT(config)
-        model.load_state_dict(state)
-    except (TypeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{out_dir}: the checkpoint does not fit its own config: {e}") from None
-    tokenizer = tokenizer_from_dict(meta["tokenizer"])
-    if tokenizer.vocab_size != config.vocab_size:
-        raise CheckpointError(f"{out_dir}: tokenizer has {tokenizer.vocab_size} tokens, the model {config.vocab_size}")
-    return model.eval(), tokenizer
+def load_model(out_dir: str | None, init_from: str | None = None):
+    """(model in eval mode, tokenizer) on the default device: from `init_from` (an out dir,
+    a GPT-2 folder or a hub name, model/pretrained.py) if given, else from out_dir."""
+    model = GPT.from_pretrained(init_from) if init_from else load_out_dir(Path(out_dir))  # one-line errors
+    if model.tokenizer is None:
+        raise UserError(f"{init_from} has no tokenizer (no vocab.json and merges.txt beside its weights)")
+    return model.eval(), model.tokenizer
 
 
 def run(args: argparse.Namespace) -> None:
     check_args(args)
     if args.device:
         backend.set_default_device(args.device)  # before the model is built: its weights go there
-    model, tokenizer = load_model(args.out_dir)
+    model, tokenizer = load_model(args.out_dir, args.init_from)
     n_layer = model.config.n_layer
     if args.attention_map and not -n_layer <= args.layer < n_layer:
         raise UserError(f"--layer must be in 0..{n_layer - 1} (or negative, from the end), got {args.layer}")
     draft = None
-    if args.draft_out_dir:
-        draft, draft_tokenizer = load_model(args.draft_out_dir)
+    if args.draft_out_dir or args.draft_init_from:
+        draft, draft_tokenizer = load_model(args.draft_out_dir, args.draft_init_from)
         if draft_tokenizer.to_dict() != tokenizer.to_dict():
             raise UserError("the draft checkpoint uses a different tokenizer than the target")
     text = read_prompt(args.prompt)

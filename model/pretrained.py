@@ -41,8 +41,8 @@ HUB_NAMES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/g
              "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl",
              "distilgpt2": "distilbert/distilgpt2"}
 CONFIG, WEIGHTS, TOKENIZER_FILES = "config.json", "model.safetensors", ("vocab.json", "merges.txt")
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # stored (in, out)
-MASK_BUFFERS = ("attn.bias", "attn.masked_bias")  # the causal mask, not weights
+CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")  # (in, out)
+MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")  # the causal mask, not weights
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # GPT-2's GELU: the tanh approximation, as ours
 
 
@@ -136,12 +136,13 @@ def load_hf_dir(directory: Path, dropout: float = 0.0) -> GPT:
                     raise PretrainedError(f"{directory / WEIGHTS}: unexpected key {key!r} for a GPT-2 of "
                                           f"{model.config.n_layer} layers")
                 value = f.get_tensor(key)  # one tensor at a time: peak memory stays ~ the model
-                if name.endswith(CONV1D):
-                    value = value.T  # Conv1D (in, out) -> Linear (out, in)
-                p = params[name]
-                if tuple(value.shape) != p.shape:
+                p, conv1d = params[name], name.endswith(CONV1D)
+                expected = tuple(reversed(p.shape)) if conv1d else p.shape  # Conv1D stores (in, out)
+                if tuple(value.shape) != expected:
                     raise PretrainedError(f"{directory / WEIGHTS}: {key!r} has shape {tuple(value.shape)}, "
-                                          f"expected {tuple(reversed(p.shape)) if name.endswith(CONV1D) else p.shape}")
+                                          f"expected {expected}")
+                if conv1d:
+                    value = value.T  # Conv1D (in, out) -> Linear (out, in)
                 p.data = backend.asarray(np.ascontiguousarray(value, dtype=np.float32), p.device)
                 seen.add(name)
     except PretrainedError:
@@ -244,7 +245,7 @@ def resolve(name_or_dir: str | Path) -> tuple[str, Path]:
     if path.exists():
         if has_checkpoint(path):
             return "ours", path
-        if path.is_dir() and (path / CONFIG).exists():
+        if path.is_dir() and ((path / CONFIG).exists() or (path / WEIGHTS).exists()):
             return "hf", path
         raise PretrainedError(f"{path} is neither an out dir of train.py (no checkpoint.json) nor a "
                               f"pretrained model folder (no {CONFIG})")
@@ -255,16 +256,26 @@ def resolve(name_or_dir: str | Path) -> tuple[str, Path]:
 
 def from_pretrained(name_or_dir: str | Path, dropout: float = 0.0) -> GPT:
     """A GPT with the weights of an out dir of ours, a GPT-2 folder, or a hub name; its
-    tokenizer is attached as model.tokenizer (None if the folder has none)."""
+    tokenizer is attached as model.tokenizer (None if a GPT-2 folder has none)."""
     kind, path = resolve(name_or_dir)
     if kind == "hf":
         return load_hf_dir(path, dropout)
-    state, meta, _ = load_checkpoint(path)
+    return load_out_dir(path, dropout)
+
+
+def load_out_dir(out_dir: Path, dropout: float = 0.0) -> GPT:
+    """A GPT, tokenizer attached, from the current checkpoint of train.py's out dir."""
+    state, meta, _ = load_checkpoint(out_dir)  # CheckpointError on any problem
+    if "model_config" not in meta or "tokenizer" not in meta:
+        raise CheckpointError(f"{out_dir} has no model_config/tokenizer in its header; was it written by train.py?")
     try:
         config = GPTConfig(**{**meta["model_config"], "dropout": dropout})
         model = GPT(config)
         model.load_state_dict(state)
-        model.tokenizer = tokenizer_from_dict(meta["tokenizer"])
     except (TypeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: the checkpoint does not fit its own config: {e}") from None
+        raise CheckpointError(f"{out_dir}: the checkpoint does not fit its own config: {e}") from None
+    model.tokenizer = tokenizer_from_dict(meta["tokenizer"])
+    if model.tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{out_dir}: tokenizer has {model.tokenizer.vocab_size} tokens, "
+                              f"the model {config.vocab_size}")
     return model
