@@ -14,6 +14,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: se
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -30,8 +31,8 @@ def main() -> int:
     p.add_argument("extra", nargs="*", help="more train.py flags, after --")
     args = p.parse_args()
     out_dir = ROOT / args.out_dir
-    for stale in ("ckpt.npz", "log.jsonl"):
-        (out_dir / stale).unlink(missing_ok=True)
+    if out_dir.exists():  # a fresh run: no checkpoint or log of an earlier one
+        shutil.rmtree(out_dir)
     cmd = [sys.executable, str(ROOT / "train.py"), "--preset", args.preset, "--out-dir", str(out_dir),
            "--no-progress", *args.extra]
     print("running:", " ".join(cmd), flush=True)
