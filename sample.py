@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from model.attention_plot import attention_maps, plot_attention
+from model.chat import END, ChatTokenizer, render
 from model.cli import HelpFormatter, OneLineParser, UserError, report
 from model.generate import TextFollower, _check_stops, check_sampling, stream
 from model.gpt import GPT
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-map", default=None, metavar="PNG", help="plot one layer's attention heads")
     p.add_argument("--layer", type=int, default=0, help="the layer for --attention-map")
     p.add_argument("--ops", choices=list(TIERS), default=DEFAULT_TIER, help="which tier of the ops runs")
+    p.add_argument("--chat", action="store_true",
+                   help="talk to a chat checkpoint (from --stage sft or dpo): a line in, an answer out; EOF ends")
     p.add_argument("--verbose", action="store_true", help="prefill / decode tokens/s on stderr")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p.parse_args(argv)
@@ -104,6 +107,8 @@ def run(args: argparse.Namespace) -> None:
     if args.device:
         backend.set_default_device(args.device)  # before the model is built: its weights go there
     model, tokenizer = load_model(args.out_dir, args.init_from)
+    if args.chat:
+        return chat(model, tokenizer, args)
     n_layer = model.config.n_layer
     if args.attention_map and not -n_layer <= args.layer < n_layer:
         raise UserError(f"--layer must be in 0..{n_layer - 1} (or negative, from the end), got {args.layer}")
@@ -153,6 +158,45 @@ def run(args: argparse.Namespace) -> None:
         labels = [tokenizer.decode([t]) for t in ids]
         plot_attention(maps, args.attention_map, labels, title=f"layer {args.layer}")
         print(f"attention map of layer {args.layer}: {args.attention_map}", file=sys.stderr)
+
+
+def chat(model, tokenizer, args: argparse.Namespace) -> None:
+    """The interactive loop: read a line, render the whole conversation in the chat template
+    (model/chat.py), stream the answer until <|end|>, keep both in the conversation. Past
+    block_size the model sees its last block_size tokens (the sliding window of generate.py).
+    EOF (Ctrl-D) or Ctrl-C ends it."""
+    if not isinstance(tokenizer, ChatTokenizer):
+        raise UserError("--chat needs a chat checkpoint: fine-tune one with train.py --stage sft")
+    end = tokenizer.special(END)
+    messages, n = [], 0
+    while True:
+        print("you: ", end="", file=sys.stderr, flush=True)
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            line = ""
+        if not line:  # EOF
+            print("", file=sys.stderr)
+            return
+        try:
+            ids, _ = render(tokenizer, messages + [{"role": "user", "content": line.rstrip("\n")}],
+                            add_generation_prompt=True)
+        except ValueError as e:  # e.g. a character outside a char vocabulary: say so, go on
+            print("error: " + " ".join(str(e).split()), file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        follower, answer = TextFollower(tokenizer.decode), []
+        for step in stream(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, seed=args.seed + n, use_cache=not args.no_cache):
+            if step[0] == end:
+                break
+            answer.append(step[0])
+            sys.stdout.write(follower.add(step[0]))
+            sys.stdout.flush()
+        sys.stdout.write(follower.finish() + "\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
+        n += 1
 
 
 def report_speed(n_prompt: int, n_new: int, start: float, first: float | None, end: float, stats) -> None:

@@ -5,6 +5,8 @@
     python train.py --data my.txt --tokenizer cl100k_base-compact --max-iters 500
     python train.py --resume                          # continue from the checkpoint in out-shakespeare-char-cpu
     python train.py --init-from gpt2                  # fine-tune GPT-2 on tiny Shakespeare (preset finetune-gpt2)
+    python train.py --stage sft --data chats.jsonl --init-from out-shakespeare-char-cpu --out-dir out-sft
+    python train.py --stage dpo --data prefs.jsonl --init-from out-sft --out-dir out-dpo --beta 0.1
     python train.py --ops primitive --max-iters 200   # the same run on the readable ops
 
 The loop, as in every framework: get a batch, forward, loss, backward, clip, step,
@@ -26,12 +28,14 @@ from typing import Any
 import numpy as np
 
 from model import pretrained
-from model.checkpoint import MANIFEST, CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
+from model.checkpoint import MANIFEST, CheckpointError, has_checkpoint, load_checkpoint, load_extra, save_checkpoint
 from model.cli import HelpFormatter, OneLineParser, UserError, report
+from model import dpo, sft
+from model.chat import ChatTokenizer
 from model.data import encode_dataset, get_batch, load_text, shakespeare_path
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import make_tokenizer, tokenizer_from_dict
-from tinygrad_lite import backend, cpu, no_grad, ops_tier, optim
+from tinygrad_lite import Tensor, backend, cpu, no_grad, ops_tier, optim
 from tinygrad_lite.functional import DEFAULT_TIER, TIERS
 from tinygrad_lite.parallel import DataParallel
 
@@ -58,6 +62,7 @@ PRESETS = {
         weight_decay=0.1, grad_clip=1.0, dropout=0.0, eval_interval=10, eval_iters=4,
         tokenizer="gpt2", pos="learned", grad_accum=2, device="cpu"),
 }
+STAGES = ("pretrain", "sft", "dpo")
 DEFAULT_PRESET = "shakespeare-char-cpu"
 FINETUNE_PRESET = "finetune-gpt2"  # the default when --init-from names a pretrained GPT-2
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "pos", "bias", "layer_norm_eps")
@@ -70,6 +75,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"or {FINETUNE_PRESET} when --init-from names a GPT-2)")
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: tiny Shakespeare, shipped in the package)")
     p.add_argument("--out-dir", default=None, help="checkpoint and logs (default: out-<preset>)")
+    p.add_argument("--stage", choices=STAGES, default=None,
+                   help="pretrain on text; sft on chats (JSONL of messages); dpo on preference pairs (JSONL of "
+                        "prompt, chosen, rejected); sft and dpo need --init-from (default: pretrain, or the "
+                        "stage of the run --resume continues)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO: how far from the reference the policy may move")
     p.add_argument("--init-from", default=None,
                    help="start from these weights (fine-tuning): an out dir of train.py, a folder in the Hugging "
                         "Face layout (config.json + model.safetensors), or a hub name (gpt2, gpt2-medium, "
@@ -138,6 +148,22 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise UserError(f"--weight-decay must be >= 0, got {cfg['weight_decay']}")
     if args.shards is not None and args.shards < 1:
         raise UserError(f"--shards must be >= 1, got {args.shards}")
+    cfg.update(stage=args.stage or "pretrain", beta=args.beta)
+    if args.stage in ("sft", "dpo") and not args.resume:
+        if not cfg.get("init_from"):
+            raise UserError(f"--stage {args.stage} starts from a trained model: pass --init-from OUT_DIR "
+                            f"({'a pre-trained' if args.stage == 'sft' else 'an SFT'} out dir, or a GPT-2)")
+        if not args.data:
+            raise UserError(f"--stage {args.stage} needs --data FILE.jsonl "
+                            f"({'conversations' if args.stage == 'sft' else 'preference pairs'})")
+    if cfg["stage"] != "pretrain" or args.resume:  # (a resumed run's stage is known once its checkpoint is read)
+        if args.shards is not None and args.shards > 1 and cfg["stage"] != "pretrain":
+            # NOTE: the loss is a mean over answer tokens (SFT) or over pairs scored against a
+            # reference model (DPO): equal rows per shard no longer split it evenly, and every
+            # worker would need the reference; these small runs take one process
+            raise UserError(f"--stage {args.stage} runs in one process; drop --shards {args.shards}")
+    if not args.beta > 0:
+        raise UserError(f"--beta must be > 0, got {args.beta}")
     if args.shards is not None and args.shards > 1 and cfg["device"] != "cpu":
         raise UserError(f"--shards {args.shards} splits batches over CPU processes; "
                         f"on --device {cfg['device']} use --shards 1")
@@ -145,6 +171,18 @@ def resolve_config(args: argparse.Namespace) -> dict:
 
 
 # --- setting up a run -----------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """What a stage trains on: its examples, split, and how to draw a batch of them."""
+
+    train: Any  # pretrain: token ids (N,); sft: (ids, mask) rows; dpo: (chosen, rejected) pairs
+    val: Any
+    draw: Any  # draw(examples, rng) -> x, y (B, T) int64
+
+    def batch(self, split: str, rng: np.random.Generator):
+        return self.draw(self.train if split == "train" else self.val, rng)
 
 
 @dataclass
@@ -156,10 +194,10 @@ class Run:
     optimizer: optim.AdamW
     parallel: DataParallel | None  # None: one process, the plain loop
     tokenizer: Any
-    train_ids: np.ndarray
-    val_ids: np.ndarray
+    data: Data
     rng: np.random.Generator  # draws the training batches
     out_dir: Path
+    reference: GPT | None = None  # DPO: the frozen model the rewards are measured against
     iter_num: int = 0
     best_val: float = math.inf
     losses: dict | None = None  # the last evaluation
@@ -183,6 +221,11 @@ def starting_checkpoint(cfg: dict, args: argparse.Namespace):
     if args.resume:
         checkpoint = load_checkpoint(cfg["out_dir"])  # CheckpointError on any problem
         check_training_header(checkpoint[1], Path(cfg["out_dir"]))
+        saved_stage = checkpoint[1]["config"].get("stage", "pretrain")
+        if args.stage is not None and args.stage != saved_stage:
+            raise UserError(f"--resume continues the {saved_stage} run in {cfg['out_dir']}, not --stage {args.stage}")
+        cfg.update(stage=saved_stage, beta=checkpoint[1]["config"].get("beta", cfg["beta"]),
+                   init_from=checkpoint[1]["config"].get("init_from"))
     elif cfg.get("init_from"):
         kind, path = pretrained.resolve(cfg["init_from"])  # PretrainedError (one line) if it cannot be had
         if kind == "ours":
@@ -197,7 +240,7 @@ def starting_checkpoint(cfg: dict, args: argparse.Namespace):
     for key in ARCH_KEYS + (("tokenizer", "dropout") if args.resume else ()):
         cfg[key] = saved.get(key, 1e-5 if key == "layer_norm_eps" else None)  # (older headers lack eps)
     if not args.resume and wanted_block < cfg["block_size"]:  # fine-tune on shorter contexts: crop wpe
-        cfg["crop_block_size"] = wanted_block
+        cfg["checkpoint_block_size"], cfg["block_size"] = cfg["block_size"], wanted_block
     if args.resume and saved.get("data") and not cfg.get("data"):
         cfg["data"] = saved["data"]
     return checkpoint
@@ -215,26 +258,54 @@ def pretrained_start(path: Path):
     return state, {"config": config, "tokenizer": tokenizer.to_dict(), "init_from": str(path)}, None
 
 
-def load_data(cfg: dict, checkpoint, out_dir: Path):
-    """(tokenizer, train ids, val ids): the checkpoint's tokenizer, or a new one for the text."""
-    text = load_text(cfg["data"] if cfg.get("data") else shakespeare_path())
-    tokenizer = (tokenizer_from_dict(checkpoint[1]["tokenizer"]) if checkpoint is not None
-                 else make_tokenizer(cfg["tokenizer"], text))
-    train_ids, val_ids = encode_dataset(text, tokenizer, out_dir / "data")
-    for name, ids in (("train", train_ids), ("val", val_ids)):
-        if len(ids) < cfg["block_size"] + 1:
-            raise UserError(f"the {name} split has {len(ids)} tokens; block_size {cfg['block_size']} "
-                            f"needs at least {cfg['block_size'] + 1} (use more text or a smaller --block-size)")
-    return tokenizer, train_ids, val_ids
+def load_data(cfg: dict, checkpoint, out_dir: Path) -> tuple[Any, Data]:
+    """(tokenizer, Data) for the stage: the checkpoint's tokenizer, or a new one for the
+    text; SFT and DPO add the chat template's special tokens (model/chat.py) if it lacks them."""
+    B, T = cfg["batch_size"], cfg["block_size"]
+    if cfg["stage"] == "pretrain":
+        text = load_text(cfg["data"] if cfg.get("data") else shakespeare_path())
+        tokenizer = (tokenizer_from_dict(checkpoint[1]["tokenizer"]) if checkpoint is not None
+                     else make_tokenizer(cfg["tokenizer"], text))
+        train_ids, val_ids = encode_dataset(text, tokenizer, out_dir / "data")
+        for name, ids in (("train", train_ids), ("val", val_ids)):
+            if len(ids) < T + 1:
+                raise UserError(f"the {name} split has {len(ids)} tokens; block_size {T} needs at least "
+                                f"{T + 1} (use more text or a smaller --block-size)")
+        return tokenizer, Data(train_ids, val_ids, lambda ids, rng: get_batch(ids, B, T, rng))
+    tokenizer = tokenizer_from_dict(checkpoint[1]["tokenizer"])
+    if not isinstance(tokenizer, ChatTokenizer):
+        tokenizer = ChatTokenizer(tokenizer)
+    pad = tokenizer.special("<|end|>")  # any id: padded positions are never targets
+    if cfg["stage"] == "sft":
+        train, val = sft.split(sft.encode_conversations(cfg["data"], tokenizer, T))
+        return tokenizer, Data(train, val, lambda rows, rng: sft.get_chat_batch(rows, B, T, pad, rng))
+    train, val = sft.split(dpo.encode_preferences(cfg["data"], tokenizer, T))
+    return tokenizer, Data(train, val, lambda pairs, rng: dpo.preference_batch(
+        pairs, rng.integers(0, len(pairs), size=B), T, pad))
 
 
 def auto_shards(model: GPT, cfg: dict) -> int:
     """One data-parallel shard per CPU core, if a step is big enough (>= 1e8 FLOPs, about
-    a millisecond of matmul) to pay for starting the worker processes; else 1."""
+    a millisecond of matmul) to pay for starting the worker processes; else 1. SFT and
+    DPO run in one process (resolve_config says why)."""
     tokens = cfg["batch_size"] * cfg["block_size"]
-    if cfg["device"] != "cpu" or cfg["batch_size"] < 2 or model.flops_per_token() * tokens < 1e8:
+    if (cfg["device"] != "cpu" or cfg["stage"] != "pretrain" or cfg["batch_size"] < 2
+            or model.flops_per_token() * tokens < 1e8):
         return 1
     return cpu.num_threads()
+
+
+def build_model(cfg: dict, vocab_size: int, block_size: int | None = None) -> GPT:
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size or cfg["block_size"], n_layer=cfg["n_layer"],
+                         n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"], bias=cfg["bias"],
+                         pos=cfg["pos"], layer_norm_eps=cfg["layer_norm_eps"]))
+
+
+def load_weights(model: GPT, state: dict) -> None:
+    try:
+        model.load_state_dict(state)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint does not fit this model: {e}") from None
 
 
 def setup(cfg: dict, args: argparse.Namespace) -> Run:
@@ -244,37 +315,45 @@ def setup(cfg: dict, args: argparse.Namespace) -> Run:
     backend.set_default_device(cfg["device"])
     backend.manual_seed(cfg["seed"])
     checkpoint = starting_checkpoint(cfg, args)
-    tokenizer, train_ids, val_ids = load_data(cfg, checkpoint, out_dir)
+    tokenizer, data = load_data(cfg, checkpoint, out_dir)
     vocab_size = tokenizer.vocab_size
     if checkpoint is not None and "wte.weight" in checkpoint[0]:
         vocab_size = len(checkpoint[0]["wte.weight"])  # a model may have more rows than its tokenizer
-    config = GPTConfig(vocab_size=vocab_size, block_size=cfg["block_size"], n_layer=cfg["n_layer"],
-                       n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"],
-                       bias=cfg["bias"], pos=cfg["pos"], layer_norm_eps=cfg["layer_norm_eps"])
-    model = GPT(config)
+    model = build_model(cfg, vocab_size, cfg.pop("checkpoint_block_size", None))
+    if checkpoint is not None:
+        load_weights(model, checkpoint[0])
+        if model.config.block_size > cfg["block_size"]:
+            model.crop_block_size(cfg["block_size"])
+    if tokenizer.vocab_size > model.config.vocab_size:  # the chat's new tokens: an explicit resize
+        model.resize_token_embeddings(tokenizer.vocab_size)
     optimizer = optim.AdamW(model.optimizer_groups(cfg["weight_decay"]), lr=cfg["lr"],
                             betas=(cfg["beta1"], cfg["beta2"]))
     # each batch is split over the CPU cores, one shard per core (tinygrad_lite/parallel.py)
     shards = args.shards if args.shards is not None else auto_shards(model, cfg)
     run = Run(cfg, model, optimizer, DataParallel(model, shards=shards) if shards > 1 else None,
-              tokenizer, train_ids, val_ids, np.random.default_rng(cfg["seed"]), out_dir)
-    if checkpoint is not None:
-        model_state, meta, optim_state = checkpoint
-        try:
-            model.load_state_dict(model_state)
-        except (KeyError, ValueError) as e:
-            raise CheckpointError(f"checkpoint does not fit this model: {e}") from None
-        if cfg.get("crop_block_size"):
-            model.crop_block_size(cfg["crop_block_size"])
-            cfg["block_size"] = cfg.pop("crop_block_size")
-        if args.resume:
-            if optim_state is None:
-                raise CheckpointError(f"{out_dir / MANIFEST} has no optimizer state; cannot resume exactly")
-            optimizer.load_state_dict(optim_state)
-            run.iter_num, run.best_val = meta["iter_num"], meta.get("best_val", math.inf)
-            run.rng.bit_generator.state = meta["data_rng"]
-            backend.set_rng_state(meta["dropout_rng"])
+              tokenizer, data, np.random.default_rng(cfg["seed"]), out_dir)
+    if cfg["stage"] == "dpo":
+        run.reference = frozen_reference(cfg, args, model)
+    if args.resume:
+        _, meta, optim_state = checkpoint
+        if optim_state is None:
+            raise CheckpointError(f"{out_dir / MANIFEST} has no optimizer state; cannot resume exactly")
+        optimizer.load_state_dict(optim_state)
+        run.iter_num, run.best_val = meta["iter_num"], meta.get("best_val", math.inf)
+        run.rng.bit_generator.state = meta["data_rng"]
+        backend.set_rng_state(meta["dropout_rng"])
     return run
+
+
+def frozen_reference(cfg: dict, args: argparse.Namespace, model: GPT) -> GPT:
+    """DPO's reference: a copy of the starting weights that never trains. Stored in every
+    DPO checkpoint (reference.safetensors), so a resume scores against exactly the same
+    model even if the --init-from out dir has trained on since."""
+    reference = build_model(cfg, model.config.vocab_size)
+    load_weights(reference, load_extra(cfg["out_dir"], "reference") if args.resume else model.state_dict())
+    for p in reference.parameters():
+        p.requires_grad = False  # no gradient ever reaches it
+    return reference.eval()
 
 
 # --- one step ------------------------------------------------------------------------------------
@@ -284,21 +363,39 @@ class NonFiniteStep(Exception):
     """A step whose loss or gradient norm is NaN or Inf; nothing was updated."""
 
 
-def train_step(run: Run, lr: float) -> tuple[float, float]:
+def dpo_forward(run: Run, x: np.ndarray, y: np.ndarray) -> tuple[Tensor, dict]:
+    """The DPO loss of a batch (x, y (2B, T): B chosen answers, then their B rejected ones),
+    and its rewards, accuracy and KL for the log."""
+    B = len(x) // 2
+    logits, _ = run.model(x)  # (2B, T, V)
+    logps = dpo.sequence_logps(logits, y)  # (2B,): summed over each answer's tokens
+    with no_grad():
+        reference_logits, _ = run.reference(x)
+        reference_logps = dpo.sequence_logps(reference_logits, y).data
+    loss, chosen, rejected = dpo.dpo_loss(logps[:B], logps[B:], reference_logps[:B], reference_logps[B:],
+                                          run.cfg["beta"])
+    return loss, {"reward_margin": float((chosen - rejected).mean()), "reward_accuracy": float((chosen > rejected).mean()),
+                  "kl": dpo.kl_to_reference(logits, reference_logits, y)}
+
+
+def train_step(run: Run, lr: float) -> tuple[float, float, dict]:
     """One optimizer step: grad_accum micro-batches of forward, loss and backward, then
-    clip, step, zero_grad. Returns (mean loss, gradient norm before clipping)."""
+    clip, step, zero_grad. Returns (mean loss, gradient norm before clipping, DPO stats)."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = 0.0
+    loss_sum, stats = 0.0, {}
     for _ in range(cfg["grad_accum"]):
-        x, y = get_batch(run.train_ids, cfg["batch_size"], cfg["block_size"], run.rng)  # (B, T) each
-        if run.parallel is None:  # one process: the loop of every framework
-            logits, loss = model(x, y)  # forward: logits (B, T, V) and the mean cross-entropy
-            (loss / cfg["grad_accum"]).backward()  # backward: d loss / d parameter adds into .grad
-            loss_sum += loss.item() / cfg["grad_accum"]
-        else:  # data parallel: each shard runs that same forward and backward on its rows
+        x, y = run.data.batch("train", run.rng)  # (B, T) each
+        if run.parallel is not None:  # data parallel: each shard runs the forward and backward below on its rows
             loss_sum += run.parallel.forward_backward(x, y, scale=1 / cfg["grad_accum"]) / cfg["grad_accum"]
+            continue
+        if run.reference is None:  # one process: the loop of every framework
+            logits, loss = model(x, y)  # forward: logits (B, T, V) and the mean cross-entropy
+        else:
+            loss, stats = dpo_forward(run, x, y)  # forward, and DPO's loss against the reference
+        (loss / cfg["grad_accum"]).backward()  # backward: d loss / d parameter adds into .grad
+        loss_sum += loss.item() / cfg["grad_accum"]
     params = model.parameters()
     if cfg["grad_clip"] > 0:
         grad_norm = optim.clip_grad_norm(params, cfg["grad_clip"])  # rescale so the norm is <= grad_clip
@@ -310,37 +407,47 @@ def train_step(run: Run, lr: float) -> tuple[float, float]:
                             f"at iteration {run.iter_num}")
     optimizer.step()  # AdamW: each parameter moves against its gradient
     optimizer.zero_grad()  # gradients add up, so clear them for the next step
-    return loss_sum, grad_norm
+    return loss_sum, grad_norm, stats
 
 
 # --- evaluation and checkpoints ------------------------------------------------------------------
 
 
 def estimate_loss(run: Run) -> dict:
-    """Mean loss of the model over eval_iters batches of each split. Its own RNG, seeded by
-    the iteration, so evaluating never changes the training batches (exact resume)."""
+    """Mean loss of the model over eval_iters batches of each split (and, for DPO, the
+    held-out pairs' reward margin, preference accuracy and KL to the reference). Its own
+    RNG, seeded by the iteration, so evaluating never changes the training batches."""
     cfg = run.cfg
     run.model.eval()
     out = {}
     with no_grad():
-        for name, data in (("train", run.train_ids), ("val", run.val_ids)):
+        for name in ("train", "val"):
             rng = np.random.default_rng([cfg["seed"], run.iter_num, len(name)])
-            losses = []
+            losses, stats = [], []
             for _ in range(cfg["eval_iters"]):
-                x, y = get_batch(data, cfg["batch_size"], cfg["block_size"], rng)
-                losses.append(run.model(x, y)[1].item() if run.parallel is None else run.parallel.loss(x, y))
+                x, y = run.data.batch(name, rng)
+                if run.reference is not None:
+                    loss, batch_stats = dpo_forward(run, x, y)
+                    losses.append(loss.item())
+                    stats.append(batch_stats)
+                else:
+                    losses.append(run.model(x, y)[1].item() if run.parallel is None else run.parallel.loss(x, y))
             out[name] = float(np.mean(losses))
+            if stats and name == "val":
+                out.update({k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
     run.model.train()
     return out
 
 
 def save(run: Run) -> None:
-    """The checkpoint: weights, optimizer state, iteration, random streams, config, tokenizer."""
+    """The checkpoint: weights, optimizer state, iteration, random streams, config, tokenizer
+    (and DPO's reference model)."""
     cfg, tokenizer = run.cfg, run.tokenizer
     meta = {"config": {**cfg, "vocab_size": tokenizer.vocab_size}, "model_config": run.model.config.to_dict(),
             "tokenizer": tokenizer.to_dict(), "iter_num": run.iter_num, "best_val": run.best_val,
             "losses": run.losses, "data_rng": run.rng.bit_generator.state, "dropout_rng": backend.rng_state()}
-    save_checkpoint(run.out_dir, run.model.state_dict(), meta, run.optimizer.state_dict())
+    extra = {"reference": run.reference.state_dict()} if run.reference is not None else None
+    save_checkpoint(run.out_dir, run.model.state_dict(), meta, run.optimizer.state_dict(), extra)
 
 
 def evaluate_and_checkpoint(run: Run, say) -> None:
@@ -349,7 +456,8 @@ def evaluate_and_checkpoint(run: Run, say) -> None:
     run.best_val = min(run.best_val, run.losses["val"])
     run.log.write(json.dumps({"kind": "eval", "iter": run.iter_num, **run.losses}) + "\n")
     run.log.flush()
-    say(f"iter {run.iter_num}: train loss {run.losses['train']:.4f}, val loss {run.losses['val']:.4f}")
+    extra = "".join(f", {k} {v:.4f}" for k, v in run.losses.items() if k not in ("train", "val"))
+    say(f"iter {run.iter_num}: train loss {run.losses['train']:.4f}, val loss {run.losses['val']:.4f}{extra}")
     save(run)
 
 
@@ -410,7 +518,8 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
     peak_flops = measure_matmul_flops(cfg["device"])
     shards = run.parallel.shards if run.parallel is not None else 1
     print(f"model: {run.model.num_parameters() / 1e6:.2f}M parameters, {run.model.config}", file=sys.stderr)
-    print(f"data: {len(run.train_ids):,} train / {len(run.val_ids):,} val tokens, vocab {run.tokenizer.vocab_size}; "
+    unit = "tokens" if cfg["stage"] == "pretrain" else "conversations" if cfg["stage"] == "sft" else "pairs"
+    print(f"data: {len(run.data.train):,} train / {len(run.data.val):,} val {unit}, vocab {run.tokenizer.vocab_size}; "
           f"{tokens_per_iter} tokens/iter; device {cfg['device']}; ops {args.ops}"
           f"{f' ({shards} data-parallel shards)' if shards > 1 else ''}; "
           f"matmul peak {peak_flops / 1e9:.0f} GFLOP/s", file=sys.stderr)
@@ -429,7 +538,7 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
             lr = optim.cosine_lr(run.iter_num, cfg["lr"], cfg["min_lr"], cfg["warmup_iters"], cfg["lr_decay_iters"])
             step_start = time.perf_counter()
             try:
-                loss, grad_norm = train_step(run, lr)
+                loss, grad_norm, stats = train_step(run, lr)
             except NonFiniteStep as e:
                 if not args.skip_nonfinite:
                     raise UserError(f"{e}; stopped, the last good checkpoint in {run.out_dir} "
@@ -445,7 +554,7 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
                 start = time.perf_counter()
             tok_s = tokens_per_iter / step_time
             run.log.write(json.dumps({"kind": "train", "iter": run.iter_num, "loss": loss, "lr": lr,
-                                      "grad_norm": grad_norm, "ms": step_time * 1000, "tok_s": tok_s}) + "\n")
+                                      "grad_norm": grad_norm, "ms": step_time * 1000, "tok_s": tok_s, **stats}) + "\n")
             if progress:
                 mfu = run.model.flops_per_token() * tok_s / peak_flops
                 progress.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | MFU {100 * mfu:.0f}%")

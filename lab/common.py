@@ -210,7 +210,7 @@ def load_model(path: str | Path) -> tuple[GPT, Tokenizer, dict]:
 # train.py flags of the base model: its CPU preset (4 layers x 128, block 64, 2000 iterations,
 # ~0.8M parameters, val loss ~1.5-1.9), and a throwaway 1-layer model for --quick
 BASE_FLAGS = ["--eval-interval", "500", "--eval-iters", "20"]
-QUICK_BASE_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32",
+QUICK_BASE_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64",
                     "--batch-size", "8", "--max-iters", "40", "--warmup-iters", "4",
                     "--lr-decay-iters", "40", "--lr", "3e-3", "--eval-interval", "40", "--eval-iters", "2"]
 

@@ -6,6 +6,7 @@ What `train.py` writes into its out dir:
     out/ckpt-0000250-3f9a1c/          one checkpoint (iteration 250), never changed once written
         model.safetensors             the weights, under the model's parameter names
         optimizer.safetensors         the optimizer's buffers (AdamW's m and v), if any
+        reference.safetensors         DPO only: the frozen reference model
         state.json                    the header: format version, config, tokenizer, iteration,
                                       random-number states, optimizer scalars, and the
                                       sha256 of each file above
@@ -83,11 +84,13 @@ def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, model_state: dict[str, np.ndarray], meta: dict[str, Any],
-                    optimizer_state: dict[str, Any] | None = None) -> Path:
+                    optimizer_state: dict[str, Any] | None = None,
+                    extra: dict[str, dict[str, np.ndarray]] | None = None) -> Path:
     """Write a new checkpoint into out_dir and make it the current one; returns its folder.
 
     model_state: parameter name -> host array; meta: the JSON-able header (config,
-    tokenizer, iteration, ...); optimizer_state: Optimizer.state_dict().
+    tokenizer, iteration, ...); optimizer_state: Optimizer.state_dict(); extra: more
+    named sets of arrays, each its own <name>.safetensors (DPO's frozen reference model).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +105,8 @@ def save_checkpoint(out_dir: str | Path, model_state: dict[str, np.ndarray], met
         if optimizer_state is not None:
             _save_arrays(tmp / OPTIMIZER, optimizer_state["buffers"])
             header["optimizer"] = {"step": optimizer_state["step"], "lr": optimizer_state["lr"]}
+        for extra_name, arrays in (extra or {}).items():
+            _save_arrays(tmp / f"{extra_name}.safetensors", arrays)
         header["sha256"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         _fsync_write(tmp / HEADER, json.dumps(header).encode("utf-8"))
         _fsync_dir(tmp)
@@ -163,6 +168,18 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
         raise CheckpointError(f"{manifest_path} has format version {manifest.get('format_version')}; "
                               f"this code reads version {FORMAT_VERSION}")
     return load_checkpoint_folder(folder, expected_state)
+
+
+def load_extra(out_dir: str | Path, name: str) -> dict[str, np.ndarray]:
+    """The arrays save_checkpoint(..., extra={name: ...}) stored in out_dir's current checkpoint."""
+    out_dir = Path(out_dir)
+    folder = current_folder(out_dir)
+    if folder is None:
+        raise CheckpointError(f"no checkpoint at {out_dir} (no {MANIFEST})")
+    path = out_dir / folder / f"{name}.safetensors"
+    meta = json.loads((out_dir / folder / HEADER).read_text(encoding="utf-8"))
+    _verify(path, meta.get("sha256", {}).get(path.name))
+    return _load_arrays(path)
 
 
 def _verify(path: Path, expected: str | None) -> None:

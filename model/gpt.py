@@ -15,6 +15,8 @@ from .attention import CausalSelfAttention
 from .kv_cache import KVCache
 from .rope import RotaryEmbedding
 
+IGNORE = -1  # the target id the loss skips (nanoGPT's, too)
+
 
 @dataclass
 class GPTConfig:
@@ -124,7 +126,8 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache: KVCache | None = None,
                 start_pos: int = 0) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy
-        against targets (B, T) when given. With a KV cache, idx holds the tokens at
+        against targets (B, T) when given; a target of IGNORE (-1) counts for nothing (the
+        prompt and padding of fine-tuning chats). With a KV cache, idx holds the tokens at
         positions start_pos .. start_pos+T-1 and the cache supplies the earlier ones."""
         idx = idx.data if isinstance(idx, Tensor) else idx
         B, T = idx.shape
@@ -142,8 +145,24 @@ class GPT(nn.Module):
             cache.pos = start_pos + T  # every layer has stored its keys and values for these
         x = self.ln_f(x)
         logits = F.linear(x, self.wte.weight)  # (B, T, V): tied output head
-        loss = F.cross_entropy(logits, targets) if targets is not None else None
+        loss = F.cross_entropy(logits, targets, ignore_index=IGNORE) if targets is not None else None
         return logits, loss
+
+    def resize_token_embeddings(self, vocab_size: int) -> None:
+        """Grow wte (and so the tied head) to vocab_size rows, for new tokens (a chat
+        template's). The old rows are kept bitwise; each new row starts as the mean of the
+        old ones: a new token then begins with an average logit, neither impossible nor
+        dominant, so fine-tuning starts near the base model's loss and the row learns fast
+        (small random rows would work too, but would make the new tokens near-impossible
+        at first, from logits near 0 against the trained tokens' ones)."""
+        old = self.wte.weight.data
+        if vocab_size < old.shape[0]:
+            raise ValueError(f"resize_token_embeddings only grows: {old.shape[0]} -> {vocab_size}")
+        xp = self.wte.weight.xp
+        new_rows = xp.broadcast_to(old.mean(axis=0, keepdims=True), (vocab_size - old.shape[0], old.shape[1]))
+        self.wte.weight.data = xp.concatenate([old, new_rows.astype(old.dtype)], axis=0)
+        self.wte.weight.grad = None
+        self.config.vocab_size = vocab_size
 
     def crop_block_size(self, block_size: int) -> None:
         """Shorten the context to block_size (< the current one): keep wpe's first rows. For

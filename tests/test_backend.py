@@ -32,6 +32,8 @@ NUMPY_ALLOWED = {
     "model/tokenizer.py": "host-side text <-> token ids, never tensor data",
     "model/checkpoint.py": "host-side checkpoint I/O of arrays already copied off the device",
     "model/pretrained.py": "host-side GPT-2 file I/O (safetensors, transposes) of arrays on their way to the device",
+    "model/sft.py": "host-side chat data pipeline: padded token rows and targets, never tensor data",
+    "model/dpo.py": "host-side preference batches and the logged rewards/KL, copied off the device first",
 }
 
 
