@@ -105,7 +105,7 @@ def evaluate(model, chat: ChatTokenizer, sft_model, prompts: list, samples: int)
             "examples": [{"prompt": p, "answer": a, "stopped": st} for (p, _), (a, st) in list(zip(prompts, greedy))[:5]]}
 
 
-def plot(sft_log: list, dpo_log: list, path_png_fig):
+def plot(sft_log: list, dpo_log: list):
     plt = require_matplotlib()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r for r in sft_log if r["kind"] == "train"]
@@ -162,10 +162,9 @@ def main(argv=None) -> int:
                "settings": settings, "base": base, "held_out_prompts": len(prompts),
                "sft_seconds": sft_run["seconds"], "dpo_seconds": dpo_run["seconds"],
                "dpo_hard_seconds": dpo_runs["dpo-hard"]["seconds"],
-               "total_seconds": time.perf_counter() - start,
+               "wall_s": time.perf_counter() - start, "quick": args.quick,
                "dpo_final_eval": [r for r in dpo_run["rows"] if r["kind"] == "eval"][-1]}
-    write_results(Path(args.out), "post_training-quick" if args.quick else "post_training", results,
-                  plot(sft_run["rows"], dpo_run["rows"], None))
+    write_results(Path(args.out), "post_training", results, plot(sft_run["rows"], dpo_run["rows"]))
     return 0
 
 

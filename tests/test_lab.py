@@ -21,6 +21,7 @@ EXPECTED = {
     "temperature": {"temperatures", "base_model", "wall_s"},
     "embeddings": {"neighbours", "analogies", "trained", "untrained", "pca_variance_share", "wall_s"},
     "lost_in_the_middle": {"depth", "accuracy_by_depth", "curves", "chance", "mean_accuracy", "wall_s"},
+    "post_training": {"table", "examples", "settings", "held_out_prompts", "dpo_final_eval", "wall_s"},
 }
 
 
@@ -65,6 +66,11 @@ def test_json_contents_are_sane(out):
     litm = json.loads((out / "lost_in_the_middle.json").read_text())
     assert len(litm["accuracy_by_depth"]) == len(litm["depth"]) == litm["n_facts"]
     assert all(0 <= a <= 1 for a in litm["accuracy_by_depth"])
+    post = json.loads((out / "post_training.json").read_text())["table"]
+    assert set(post) == {"base", "sft", "dpo", "dpo-hard"}
+    for row in post.values():
+        assert all(0 <= row[k] <= 1 for k in ("task_accuracy", "stop_rate", "preferred_rate")) and row["kl_to_sft"] >= 0
+    assert post["sft"]["kl_to_sft"] == pytest.approx(0, abs=1e-9)  # the SFT model against itself
 
 
 def test_missing_matplotlib_is_one_line(tmp_path):
