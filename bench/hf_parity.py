@@ -163,6 +163,17 @@ def median_ms(values: list[float]) -> dict:
     return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
 
 
+def load_peak_rss_mb(folder: str) -> dict:
+    """Peak resident memory of a fresh process that only runs GPT.from_pretrained(folder)."""
+    import subprocess
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[2]); from model.gpt import GPT; "
+            "m = GPT.from_pretrained(sys.argv[1]); "
+            "print(m.num_parameters(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code, folder, str(ROOT)], capture_output=True, text=True, check=True)
+    params, peak_kb = map(int, done.stdout.split())
+    return {"params": params, "weights_mb": params * 4 / 2**20, "peak_rss_mb": peak_kb / 1024}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", default=None, help="a GPT-2 folder; default: random 124M weights")
@@ -187,6 +198,9 @@ def main(argv=None) -> int:
         hf = (GPT2LMHeadModel.from_pretrained(args.weights) if args.weights else
               GPT2LMHeadModel(GPT2Config(n_positions=1024, n_embd=768, n_layer=12, n_head=12))).eval()
         hf.save_pretrained(f"{tmp}/from-hf")
+        report["load"] = load_peak_rss_mb(f"{tmp}/from-hf")
+        print(f"GPT.from_pretrained of {report['load']['params'] / 1e6:.0f}M parameters "
+              f"({report['load']['weights_mb']:.0f} MB of float32): peak RSS {report['load']['peak_rss_mb']:.0f} MB")
         ours = GPT.from_pretrained(f"{tmp}/from-hf")
         report["transformers_to_ours"] = parity(hf, ours, ids, prompt)
         print("transformers -> ours:", {k: v for k, v in report["transformers_to_ours"].items() if "greedy_" not in k})
