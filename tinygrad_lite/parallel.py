@@ -84,7 +84,8 @@ def _run_shard(model, loss_fn: Callable, x, y, share: float, scale: float, seed:
 
 def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str, cpu_settings: dict) -> None:
     """A worker process: waits for a shard, runs it, writes its gradients, says done."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the main process to handle
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM (to the whole process group) are
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # for the main process: it ends the step, then stops us
     cpu.apply_settings(cpu_settings)  # the main process's CPU tuning, not the defaults
     params = model.parameters()
     shapes = [p.shape for p in params]
