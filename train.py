@@ -41,7 +41,7 @@ from model.preemption import EXIT_CODES, StopRequest
 from model.tokenizer import make_tokenizer, tokenizer_from_dict
 from tinygrad_lite import Tensor, backend, cpu, no_grad, ops_tier, optim
 from tinygrad_lite.functional import DEFAULT_TIER, TIERS
-from tinygrad_lite.distributed import GradientSync, from_environment
+from tinygrad_lite.distributed import GradientSync, from_environment, local_ranks
 from tinygrad_lite.parallel import DataParallel, shard_bounds
 
 # --- presets: nanoGPT's configs for tiny Shakespeare, character level --------------------
@@ -562,10 +562,13 @@ def train(cfg: dict, args: argparse.Namespace) -> dict:
     out_dir, new_out_dir = Path(cfg["out_dir"]), not Path(cfg["out_dir"]).exists()
     lock = OutDirLock(out_dir).acquire() if lead else None  # OutDirInUse: one line
     stop = StopRequest().install()
+    # the ranks on one host share its cores: each gets its share, for BLAS and the kernels alike
+    threads = cpu.num_threads() if comm is None else max(1, cpu.num_threads() // local_ranks())
     try:
-        run = setup(cfg, args, comm)
-        run.stop = stop
-        return train_loop(run, args, lead)
+        with cpu.threads(threads):
+            run = setup(cfg, args, comm)
+            run.stop = stop
+            return train_loop(run, args, lead)
     except BaseException:
         if lock is not None and new_out_dir and [p.name for p in out_dir.iterdir()] == [lock.path.name]:
             lock.release()

@@ -36,6 +36,15 @@ ENV_WORLD_SIZE = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRA
 BUCKET_BYTES = 25 * 2**20  # NCCL: gradients go in buckets of about this size (DDP's default)
 
 
+def local_ranks() -> int:
+    """How many ranks mpiexec started on this host (they share its cores)."""
+    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
 def launched_world_size() -> int:
     """How many ranks mpiexec started (1 when it did not start us), from its environment."""
     for name in ENV_WORLD_SIZE[:3]:
