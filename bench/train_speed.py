@@ -39,7 +39,18 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: `model`, `tinygrad_lite`, `b
 
 from train import PRESETS  # noqa: E402  (numpy-only import: the preset is the single source)
 
-PRESET = PRESETS["shakespeare-char-cpu"]
+PRESET = dict(PRESETS["shakespeare-char-cpu"])  # the model and batch of --shape cpu; the others below
+SHAPES = {  # --shape: the model and the batch (the optimizer settings are the CPU preset's throughout)
+    "cpu": {},  # the CPU preset: 4 layers, 128 wide, 4 heads, batch 12 x 64
+    "long": dict(n_layer=4, n_embd=256, n_head=8, block_size=512, batch_size=4),
+    "gpu-preset": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, dropout=0.0),
+}
+
+
+def use_shape(name: str) -> None:
+    """Make PRESET the --shape's model and batch (workers are told the shape by the parent)."""
+    PRESET.clear()
+    PRESET.update(PRESETS["shakespeare-char-cpu"], **SHAPES[name])
 VOCAB_SIZE = 65  # the char tokenizer's vocabulary on tiny Shakespeare
 SEED = 1337
 STREAM_TOKENS = 100_000  # the random token stream the batches are cut from
@@ -198,7 +209,7 @@ def run_worker(args: argparse.Namespace, *extra: str) -> dict:
     env = {**os.environ, **{name: str(args.threads) for name in THREAD_VARS}}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(args.threads),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--torch-attention",
-           args.torch_attention, *extra]
+           args.torch_attention, "--shape", args.shape, *extra]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"worker {' '.join(extra)} failed:\n{done.stderr}")
@@ -245,10 +256,10 @@ def compare(args: argparse.Namespace) -> dict:
         import torch
         versions["torch"] = torch.__version__
     return {
-        "what": "ms per training step (forward+backward+clip+AdamW), shakespeare-char-cpu GPT",
+        "what": f"ms per training step (forward+backward+clip+AdamW), shape {args.shape}",
         "config": {**model_config(), "batch_size": PRESET["batch_size"], "tokens_per_step": tokens_per_step,
                    "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                   "threads": args.threads, "torch_attention": args.torch_attention},
+                   "threads": args.threads, "torch_attention": args.torch_attention, "shape": args.shape},
         "results": summary,
         "ratio_tokens_per_s_tinygrad_lite_over_pytorch": ratio,
         "matmul_gflops_numpy_f32_1024": [round(m["numpy_gflops"], 1) for m in matmul],
@@ -282,7 +293,7 @@ def print_table(report: dict) -> None:
             ("MFU", lambda r: f"{100 * r['mfu']:.1f}%"),
             ("peak RSS (MB)", lambda r: f"{r['peak_rss_mb']:.0f}")]
     c = report["config"]
-    print(f"\nshakespeare-char-cpu GPT ({c['n_layer']} layers, {c['n_embd']} wide, batch {c['batch_size']} "
+    print(f"\n--shape {c['shape']} GPT ({c['n_layer']} layers, {c['n_embd']} wide, batch {c['batch_size']} "
           f"x {c['block_size']} tokens), {c['steps']} steps x {c['repeats']} repeats, {c['threads']} threads")
     print(f"{'':20}" + "".join(f"{name:>16}" for name in cols))
     for label, cell in rows:
@@ -334,11 +345,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="fresh processes per framework")
     p.add_argument("--threads", type=int, default=2, help="BLAS / OpenMP / torch threads, for both")
     p.add_argument("--torch-attention", choices=["sdpa", "manual"], default="sdpa")
+    p.add_argument("--shape", choices=list(SHAPES), default="cpu",
+                   help="cpu: the CPU preset; long: 4 x 256, 8 heads, batch 4 x 512; gpu-preset: the "
+                        "shakespeare-char preset's model (6 x 384, block 256), batch 8, on the CPU")
     p.add_argument("--check", action="store_true", help="same weights in both: compare the losses")
     p.add_argument("--profile", action="store_true", help="cProfile 10 tinygrad_lite steps")
-    p.add_argument("--out", default=str(RESULTS), help="where the JSON goes")
+    p.add_argument("--out", default=None, help="where the JSON goes (default: bench/results/train_speed[_SHAPE].json)")
     p.add_argument("--worker", choices=[*FRAMEWORKS, "matmul", "profile"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    use_shape(args.shape)
     if min(args.steps, args.repeats, args.threads) < 1 or args.warmup < 0:
         p.error("--steps, --repeats and --threads must be >= 1, --warmup >= 0")
     return args
@@ -366,7 +381,7 @@ def main(argv=None) -> int:
     else:
         report = compare(args)
         print_table(report)
-        out = Path(args.out)
+        out = Path(args.out or (RESULTS if args.shape == "cpu" else RESULTS.with_name(f"train_speed_{args.shape}.json")))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}")

@@ -208,3 +208,28 @@ def test_a_worker_runs_the_tier_the_main_process_runs(parallel_gpt):
             parallel.forward_backward(x, y)
         model.zero_grad()
         assert parallel.worker_tiers == [tier] * (parallel.shards - 1)
+
+
+@on_cpu
+def test_parameters_live_in_the_shared_block_and_leave_it_on_close_or_drop():
+    """While the workers run, the parameters are views of the shared weights (the optimizer's
+    in-place steps reach the workers with no copy); closing, or dropping the DataParallel
+    without closing, gives them their own arrays back, with the same values."""
+    import gc
+    model = tiny_gpt()
+    x, y = batch()
+    parallel = DataParallel(model, shards=2)
+    parallel.forward_backward(x, y)
+    before = [p.numpy() for p in model.parameters()]
+    assert all(not p.data.flags.owndata for p in model.parameters())  # views of the shared block
+    del parallel
+    gc.collect()
+    after = [p.data for p in model.parameters()]
+    assert all(a.flags.owndata for a in after)
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(b, a)
+    parallel = DataParallel(model, shards=2)
+    model.zero_grad()
+    parallel.forward_backward(x, y)
+    parallel.close()
+    assert all(p.data.flags.owndata for p in model.parameters())

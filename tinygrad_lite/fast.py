@@ -23,27 +23,38 @@ from .tensor import Function
 # --- GELU ----------------------------------------------------------------------------------
 
 
-def _gelu_forward(x, t, out):
-    """out = gelu(x), t = tanh(c (x + 0.044715 x^3)): in place, one block of rows."""
+def _gelu_tanh(x, t):
+    """t = tanh(c (x + 0.044715 x^3)), in place into t."""
     xp = xp_of(x)
     xp.multiply(x, x, out=t)
     t *= 0.044715 * GELU_C
     t += GELU_C
     t *= x  # c (x + 0.044715 x^3)
     xp.tanh(t, out=t)
+
+
+def _gelu_forward(x, out):
+    """out = gelu(x) = 0.5 x (1 + t): one piece of rows, in place (t: a piece-sized scratch)."""
+    xp = xp_of(x)
+    t = xp.empty_like(x)
+    _gelu_tanh(x, t)
     xp.add(t, 1, out=out)
     out *= x
     out *= 0.5
 
 
-def _gelu_backward(x, t, y, grad, d):
-    """d = grad * gelu'(x), given t and the output y from the forward: in place, one block.
+def _gelu_backward(x, y, grad, d):
+    """d = grad * gelu'(x), given the output y of the forward: one piece, in place.
 
     gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) P with P = c (1 + 3 * 0.044715 x^2); since
     y = 0.5 x (1 + t), the second term is Q (1 - t) with Q = y P, so
-    gelu'(x) = 0.5 + Q + t (0.5 - Q): nine passes over memory instead of eleven.
+    gelu'(x) = 0.5 + Q + t (0.5 - Q). t is recomputed here, in the piece that is in the
+    cache anyway, rather than kept from the forward: it would be one more (B, T, 4C) array
+    held until backward, the largest in the model (PyTorch keeps only x).
     """
     xp = xp_of(x)
+    t = xp.empty_like(x)
+    _gelu_tanh(x, t)
     xp.multiply(x, x, out=d)
     d *= 3 * 0.044715 * GELU_C
     d += GELU_C  # P
@@ -56,22 +67,23 @@ def _gelu_backward(x, t, y, grad, d):
 
 
 class FastGELU(Function):
-    """FusedGELU as in-place steps on preallocated buffers, in row blocks on all cores."""
+    """FusedGELU as in-place steps in cache-sized pieces, in row blocks on all cores. Keeps
+    x and the output (the next Linear keeps that anyway), not tanh's values."""
 
     def forward(self, x):
         xp = xp_of(x)
         x = xp.ascontiguousarray(x).reshape(x.shape)  # (ascontiguousarray makes 0-d into 1-d)
-        t, out = xp.empty_like(x), xp.empty_like(x)
-        parallel_rows(_gelu_forward, x.reshape(-1), t.reshape(-1), out.reshape(-1), chunked=True)
-        self.x, self.t, self.out = x, t, out
+        out = xp.empty_like(x)
+        parallel_rows(_gelu_forward, x.reshape(-1), out.reshape(-1), chunked=True)
+        self.x, self.out = x, out
         return out
 
     def backward(self, grad):
         xp = xp_of(grad)
         grad = xp.ascontiguousarray(grad).reshape(grad.shape)
         d = xp.empty_like(self.x)
-        parallel_rows(_gelu_backward, self.x.reshape(-1), self.t.reshape(-1), self.out.reshape(-1),
-                      grad.reshape(-1), d.reshape(-1), chunked=True)
+        parallel_rows(_gelu_backward, self.x.reshape(-1), self.out.reshape(-1), grad.reshape(-1), d.reshape(-1),
+                      chunked=True)
         return (d,)
 
 

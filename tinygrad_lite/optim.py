@@ -122,7 +122,17 @@ class Adam(Optimizer):
         if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self._scratch: dict[int, Any] = {}
+        self._scratch: dict[tuple, Any] = {}  # (device, dtype) -> a flat scratch buffer
+
+    def _scratch_for(self, p: Tensor):
+        """A scratch array shaped like p: a view of one buffer, as large as the largest
+        parameter, shared by all of them (NOTE: no temporary per step, and not a second
+        copy of the model either, as one buffer per parameter would be)."""
+        key = (p.device, str(p.dtype))
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.size < p.size:
+            buffer = self._scratch[key] = p.xp.empty(max(p.size, 0 if buffer is None else buffer.size), dtype=p.dtype)
+        return buffer[:p.size].reshape(p.shape)
 
     def step(self) -> None:
         self.step_count += 1
@@ -138,9 +148,7 @@ class Adam(Optimizer):
                 state["exp_avg"] = p.xp.zeros_like(p.data)
                 state["exp_avg_sq"] = p.xp.zeros_like(p.data)
             m, v, xp = state["exp_avg"], state["exp_avg_sq"], p.xp
-            scratch = self._scratch.get(id(p))
-            if scratch is None:  # NOTE: one reusable buffer per parameter: no temporaries per step
-                scratch = self._scratch[id(p)] = xp.empty_like(p.data)
+            scratch = self._scratch_for(p)
             m *= beta1
             m += xp.multiply(g, 1 - beta1, out=scratch)  # m = b1 m + (1 - b1) g
             v *= beta2

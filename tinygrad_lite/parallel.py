@@ -82,14 +82,14 @@ def _run_shard(model, loss_fn: Callable, x, y, share: float, scale: float, seed:
         return share * loss.item()
 
 
-def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str, cpu_settings: dict) -> None:
+def _worker(conn, model, loss_fn: Callable, names: tuple[str, str], dtype: str, cpu_settings: dict,
+            shapes: list[tuple]) -> None:
     """A worker process: waits for a shard, runs it, writes its gradients, says done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM (to the whole process group) are
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # for the main process: it ends the step, then stops us
     cpu.apply_settings(cpu_settings)  # the main process's CPU tuning, not the defaults
-    params = model.parameters()
-    shapes = [p.shape for p in params]
-    size = sum(p.size for p in params)
+    params = model.parameters()  # (their arrays came empty: the weights are in shared memory)
+    size = sum(int(numpy.prod(shape)) for shape in shapes)
     weights_block, weights = _attach(names[0], size, dtype)
     grads_block, grads = _attach(names[1], size, dtype)
     for p, view in zip(params, _flat_views(weights, shapes)):
@@ -158,22 +158,44 @@ class DataParallel:
         nbytes = max(1, size * dtype.itemsize)
         blocks = [shared_memory.SharedMemory(create=True, size=nbytes) for _ in range(self.shards)]
         self._weights = numpy.ndarray((size,), dtype=dtype, buffer=blocks[0].buf)
+        self._weight_views = _flat_views(self._weights, shapes)
         self._grad_views = [_flat_views(numpy.ndarray((size,), dtype=dtype, buffer=b.buf), shapes)
                             for b in blocks[1:]]
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or locks
-        for block in blocks[1:]:
-            mine, theirs = context.Pipe()
-            process = context.Process(target=_worker, daemon=True, name="tinygrad_lite-shard",
-                                      args=(theirs, self.model, self.loss_fn, (blocks[0].name, block.name),
-                                            dtype.str, cpu.settings()))
-            process.start()
-            theirs.close()
-            self.workers.append((process, mine))
-        self._close = weakref.finalize(self, _shut_down, self.workers, blocks)
+        arrays = [p.data for p in self.params]
+        try:  # NOTE: the model goes to the workers without its weights (they read them from shared
+            for p in self.params:  # memory): pickling them too would hold a second copy in each worker
+                p.data = numpy.empty(0, dtype=dtype)
+            for block in blocks[1:]:
+                mine, theirs = context.Pipe()
+                process = context.Process(target=_worker, daemon=True, name="tinygrad_lite-shard",
+                                          args=(theirs, self.model, self.loss_fn, (blocks[0].name, block.name),
+                                                dtype.str, cpu.settings(), shapes))
+                process.start()  # (spawn pickles the arguments here)
+                theirs.close()
+                self.workers.append((process, mine))
+        finally:
+            for p, array in zip(self.params, arrays):
+                p.data = array
+        # NOTE: also when this object is dropped without close(): the parameters must leave the
+        # shared block before it is unmapped, or touching them would crash the process
+        self._close = weakref.finalize(self, _shut_down, self.workers, blocks, self.params,
+                                       [self._weights, self._weight_views, self._grad_views])
+
+    def _share_weights(self) -> None:
+        """Make each parameter's array a view of the shared weights block, which the workers
+        read. Once a parameter is a view, the optimizer's in-place updates reach the workers
+        with no copy; a parameter given a new array (load_state_dict) is copied in again."""
+        for p, view in zip(self.params, self._weight_views):
+            if p.data is not view:
+                view[...] = p.data
+                p.data = view
 
     def close(self) -> None:
-        """Stop the worker processes and free the shared memory."""
+        """Stop the worker processes and free the shared memory (the parameters get arrays
+        of their own back)."""
         if self._close is not None:
+            self._weights = self._weight_views = self._grad_views = None  # (views of the blocks)
             self._close()
             self._close, self.workers = None, []
 
@@ -190,7 +212,7 @@ class DataParallel:
         if [(p.shape, p.dtype) for p in self.params] != self._layout:
             raise RuntimeError("the model's parameters changed shape or dtype after DataParallel "
                                "started its workers; make a new DataParallel")
-        numpy.concatenate([p.data.reshape(-1) for p in self.params], out=self._weights)
+        self._share_weights()
         bounds = shard_bounds(len(x), self.shards)
         # one seed per shard from the main generator (for dropout); evaluation draws none,
         # so it leaves the training run's random stream alone
@@ -248,7 +270,13 @@ class DataParallel:
         return self._run(x, y, 1.0, train=False)
 
 
-def _shut_down(workers: list, blocks: list) -> None:
+def _shut_down(workers: list, blocks: list, params: list, shared: list) -> None:
+    """Stop the workers; give the parameters their own copies; unmap the shared blocks."""
+    _, weight_views, _ = shared
+    for p, view in zip(params, weight_views):
+        if p.data is view:
+            p.data = view.copy()
+    shared.clear()  # the last references to the blocks' memory: they can be unmapped now
     for _, pipe in workers:
         try:
             pipe.send(None)

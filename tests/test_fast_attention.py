@@ -1,0 +1,88 @@
+"""The fast tier's attention kernels (tinygrad_lite/fast_attention.py): blocked causal
+attention against the primitive tier in float64, lengths that are not multiples of the
+tile (T = 1 included), a KV cache's shorter query block, and its memory: at T = 512 no
+(B, H, T, T) array, tiles at most 128 wide."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import tinygrad_lite.functional as F
+from tinygrad_lite import Tensor, backend, fast_attention
+
+from strategies import tensor
+
+
+def primitive_attention(q, k, v, grad):
+    """Values and gradients of the primitive tier's attention, float64."""
+    leaves = [tensor(a) for a in (q, k, v)]
+    with F.ops_tier("primitive"):
+        out = F.scaled_dot_product_attention(*leaves, causal=True)
+    out.backward(Tensor(grad))
+    return out.numpy(), [backend.to_numpy(t.grad) for t in leaves]
+
+
+@pytest.mark.parametrize("Tq,Tk,tile", [(1, 1, 4), (1, 9, 4), (5, 5, 4), (7, 7, 3), (13, 13, 4), (9, 21, 4),
+                                        (16, 16, 8), (17, 17, 8), (130, 130, 64)])
+def test_blocked_attention_equals_the_primitive_one(Tq, Tk, tile):
+    rng = np.random.default_rng(Tq * 100 + Tk)
+    B, H, D = 2, 3, 5
+    q, k, v = (rng.standard_normal((B, H, T, D)) for T in (Tq, Tk, Tk))
+    grad = rng.standard_normal((B, H, Tq, D))
+    out, saved = fast_attention.blocked_forward(q, k, v, tile)
+    grads = fast_attention.blocked_backward(grad, saved)
+    ref_out, ref_grads = primitive_attention(q, k, v, grad)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-12)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-11, err_msg=f"d{name}")
+
+
+def test_the_fast_tier_runs_the_blocked_kernel_on_long_sequences_and_gets_the_same_answer():
+    rng = np.random.default_rng(1)
+    T = fast_attention.BLOCKED_MIN + 37  # not a multiple of the tile
+    q, k, v = (rng.standard_normal((1, 2, T, 8)) for _ in range(3))
+    grad = rng.standard_normal((1, 2, T, 8))
+    leaves = [tensor(a) for a in (q, k, v)]
+    with F.ops_tier("fast"):
+        out = F.scaled_dot_product_attention(*leaves, causal=True)
+    assert out._ctx.saved[0] == "blocked"
+    out.backward(Tensor(grad))
+    ref_out, ref_grads = primitive_attention(q, k, v, grad)
+    np.testing.assert_allclose(out.numpy(), ref_out, rtol=1e-10, atol=1e-12)
+    for t, r in zip(leaves, ref_grads):
+        np.testing.assert_allclose(backend.to_numpy(t.grad), r, rtol=1e-9, atol=1e-11)
+
+
+def test_at_512_tokens_no_array_holds_the_whole_score_matrix(monkeypatch):
+    """The kernel's peak memory, forward and backward, stays below half of one (B, H, T, T)
+    score matrix (NumPy reports its allocations to tracemalloc; the peak counts the outputs
+    too: out, and dq, dk, dv, each (B, H, T, D)), and its tiles are at most 128 wide."""
+    if backend.default_device() != "cpu":
+        pytest.skip("measures NumPy's allocations")
+    B, H, T, D = 2, 4, 512, 32
+    rng = np.random.default_rng(0)
+    q, k, v, grad = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(4))
+    widths = []
+    real_hidden = fast_attention._hidden
+
+    def recording(i0, i1, j0, j1, offset, xp):
+        widths.append((i1 - i0, j1 - j0))
+        return real_hidden(i0, i1, j0, j1, offset, xp)
+    monkeypatch.setattr(fast_attention, "_hidden", recording)
+    scores_bytes = B * H * T * T * 4
+    tracemalloc.start()
+    try:
+        out, saved = fast_attention.attention_forward(q, k, v, True, 0.0)
+        _, forward_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        fast_attention.attention_backward(grad, saved)
+        _, backward_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert saved[0] == "blocked"
+    assert max(forward_peak, backward_peak) < scores_bytes / 2, (forward_peak, backward_peak, scores_bytes)
+    assert widths and max(max(w) for w in widths) <= 128
+    tile = fast_attention.tile_size(D)
+    assert len(widths) == 2 * T // tile  # only the diagonal tiles are masked, forward and backward
