@@ -58,10 +58,14 @@ def measure(model: GPT, total: int, batch: int, n_decode: int, use_cache: bool) 
 
 
 def median_run(runs: list[dict]) -> dict:
-    """The run with the median ms_per_step, plus the min and max over all runs."""
-    ordered = sorted(runs, key=lambda r: r["ms_per_step"])
-    return {**ordered[len(ordered) // 2], "ms_per_step_min": ordered[0]["ms_per_step"],
-            "ms_per_step_max": ordered[-1]["ms_per_step"], "runs": len(runs)}
+    """The median ms_per_step and prefill_tok_s over the runs, each with its min and max."""
+    steps = sorted(r["ms_per_step"] for r in runs)
+    prefills = sorted(r["prefill_tok_s"] for r in runs)
+    ms = steps[len(steps) // 2]
+    batch = runs[0]["decode_tok_s"] * runs[0]["ms_per_step"] / 1000  # tokens per step
+    return {"prefill_tok_s": prefills[len(prefills) // 2], "prefill_tok_s_min": prefills[0],
+            "prefill_tok_s_max": prefills[-1], "ms_per_step": ms, "decode_tok_s": 1000 * batch / ms,
+            "ms_per_step_min": steps[0], "ms_per_step_max": steps[-1], "runs": len(runs)}
 
 
 # --- PyTorch comparison -------------------------------------------------------------------------
@@ -136,10 +140,11 @@ def main() -> int:
             if row["torch"] is not None:
                 t = row["torch"]
                 row["cached_vs_torch"] = t["ms_per_step"] / cached["ms_per_step"]
+                row["prefill_vs_torch"] = cached["prefill_tok_s"] / t["prefill_tok_s"]
                 print(f"{'':>6} {'torch':>5} | {t['prefill_tok_s']:>13,.0f} | {t['ms_per_step']:>5.2f} "
                       f"({t['ms_per_step_min']:.2f}-{t['ms_per_step_max']:.2f}) "
-                      f"{t['decode_tok_s']:>8,.0f} | tinygrad_lite / PyTorch cached decode tok/s: "
-                      f"{row['cached_vs_torch']:.2f}", flush=True)
+                      f"{t['decode_tok_s']:>8,.0f} | tinygrad_lite / PyTorch: cached decode "
+                      f"{row['cached_vs_torch']:.2f}, prefill {row['prefill_vs_torch']:.2f}", flush=True)
 
     result = {"config": CONFIG, "device": backend.default_device(), "decode_tokens": args.decode_tokens,
               "threads": os.environ.get("DECODE_SPEED_THREADS", "all"),

@@ -37,20 +37,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from anywhere: `model`, `tinygrad_lite`, `bench` importable
 
-from train import PRESETS  # noqa: E402  (numpy-only import: the preset is the single source)
+from train import PRESETS  # noqa: E402  (the preset is the single source)
+from bench.shapes import SHAPES  # noqa: E402
 
-PRESET = dict(PRESETS["shakespeare-char-cpu"])  # the model and batch of --shape cpu; the others below
-SHAPES = {  # --shape: the model and the batch (the optimizer settings are the CPU preset's throughout)
-    "cpu": {},  # the CPU preset: 4 layers, 128 wide, 4 heads, batch 12 x 64
-    "long": dict(n_layer=4, n_embd=256, n_head=8, block_size=512, batch_size=4),
-    "gpu-preset": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=8, dropout=0.0),
-}
+PRESET = dict(PRESETS["shakespeare-char-cpu"])  # the model and batch of --shape cpu; the others: bench/shapes.py
 
 
 def use_shape(name: str) -> None:
     """Make PRESET the --shape's model and batch (workers are told the shape by the parent)."""
     PRESET.clear()
     PRESET.update(PRESETS["shakespeare-char-cpu"], **SHAPES[name])
+
+
 VOCAB_SIZE = 65  # the char tokenizer's vocabulary on tiny Shakespeare
 SEED = 1337
 STREAM_TOKENS = 100_000  # the random token stream the batches are cut from

@@ -84,5 +84,5 @@ def test_at_512_tokens_no_array_holds_the_whole_score_matrix(monkeypatch):
     assert saved[0] == "blocked"
     assert max(forward_peak, backward_peak) < scores_bytes / 2, (forward_peak, backward_peak, scores_bytes)
     assert widths and max(max(w) for w in widths) <= 128
-    tile = fast_attention.tile_size(D)
+    tile = fast_attention.tile_size(B * H, D)
     assert len(widths) == 2 * T // tile  # only the diagonal tiles are masked, forward and backward

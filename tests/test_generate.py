@@ -59,6 +59,31 @@ def test_cached_and_uncached_agree_at_every_step(pos, prompts):
     assert ids_c == [list(np.argmax(row, axis=-1)) for row in logits_c]  # greedy picked the argmax
 
 
+@pytest.mark.parametrize("tier", sorted(tinygrad_lite.functional.TIERS))
+def test_decoding_a_token_under_no_grad_builds_no_function_and_keeps_nothing(tier, monkeypatch):
+    """The lean inference path: ops that record nothing run on spare instances, wiped after."""
+    from tinygrad_lite import Function, no_grad, tensor as tensor_module
+    model = tiny_gpt()
+    built = []
+    monkeypatch.setattr(Function, "__init__", lambda self: built.append(type(self).__name__))
+
+    def decode_one_token(cache):
+        logits, _ = model(Tensor([[4]], dtype="int64"), cache=cache)
+        return logits
+
+    with tinygrad_lite.functional.ops_tier(tier):
+        cache = model.new_cache(1)
+        with no_grad():
+            decode_one_token(cache)  # the prompt's token: the first use of each op's spare
+            built.clear()
+            decode_one_token(cache)
+        assert built == []
+        spares = tensor_module._spares.__dict__
+        assert len(spares) > 5 and all(vars(ctx) == {} for ctx in spares.values())
+        decode_one_token(cache)  # with gradients on, the same step records its graph
+        assert len(built) > 10
+
+
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_sampled_tokens_agree_with_and_without_the_cache(pos):
     model = tiny_gpt(pos=pos)

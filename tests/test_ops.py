@@ -6,12 +6,14 @@ checks backward() against central finite differences in float64 via `gradcheck`.
 """
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
 import tinygrad_lite.functional as F
-from tinygrad_lite import Function, Tensor, backend, concatenate, gradcheck, where
+from tinygrad_lite import Function, Tensor, backend, concatenate, fast, gradcheck, where
 
 from strategies import (arrays, away_from_zero, axes, broadcastable_shapes, distinct,
                         matmul_shapes, shapes, small_dims, tensor)
@@ -270,15 +272,17 @@ def test_layer_norm(tier, data, with_bias):
             gradcheck(lambda x, w: F.layer_norm(x, w, None), [x, w], name=f"{tier} LayerNorm (no bias)")
 
 
-@checks("FusedLinear")
+@checks("FusedLinear", "FastLinear")
 @pytest.mark.parametrize("tier", TIERS)
-@given(data=st.data(), with_bias=st.booleans())
-def test_linear(tier, data, with_bias):
+@given(data=st.data(), with_bias=st.booleans(), few_rows_product=st.booleans())
+def test_linear(tier, data, with_bias, few_rows_product):
     lead = data.draw(shapes(min_dims=1, max_dims=2))
     n_in, n_out = data.draw(small_dims), data.draw(small_dims)
     x = tensor(data.draw(arrays(lead + (n_in,))))
     w, b = tensor(data.draw(arrays((n_out, n_in)))), tensor(data.draw(arrays((n_out,))))
-    with F.ops_tier(tier):
+    # the fast tier computes few rows as (W x^T)^T and many as x W^T: check both products
+    rows_limit = fast.SMALL_ROWS if few_rows_product else 0
+    with F.ops_tier(tier), mock.patch.object(fast, "SMALL_ROWS", rows_limit):
         if with_bias:
             gradcheck(F.linear, [x, w, b], name=f"{tier} Linear")
         else:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from .backend import device_of, rand, xp_of
-from .cpu import parallel_rows, row_blocks
+from .cpu import num_threads, parallel_rows, row_blocks
 from .ops import causal_mask
 from .tensor import Function
 
@@ -28,7 +28,8 @@ def attention_forward(q, k, v, causal: bool, dropout_p: float, out=None):
     """q (..., Tq, D), k, v (..., Tk, D) -> (out (..., Tq, D), saved for backward); with
     out=, the result is written there (a view of the packed output: no second copy kept)."""
     if causal and dropout_p == 0 and q.shape[-2] >= BLOCKED_MIN:
-        return blocked_forward(q, k, v, tile_size(q.shape[-1]), out)
+        heads = q.size // (q.shape[-2] * q.shape[-1])  # batch x heads
+        return blocked_forward(q, k, v, tile_size(heads, q.shape[-1]), out)
     return whole_forward(q, k, v, causal, dropout_p, out)
 
 
@@ -94,16 +95,40 @@ def whole_backward(grad, saved):
     return dq, dk, dv
 
 
+def decode_forward(q, k, v, out):
+    """One query per sequence over a KV cache: q (..., 1, D), k, v (..., Tk, D) -> out.
+    Inference only (nothing kept for a backward), in the usual layout, in few calls."""
+    xp = xp_of(q)
+    scores = q @ xp.swapaxes(k, -1, -2)  # (..., 1, Tk)
+    scores *= q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    scores -= scores.max(axis=-1, keepdims=True)
+    xp.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return xp.matmul(scores, v, out=out)
+
+
 # --- blocked causal attention (long contexts) ---------------------------------------------------
 
 BLOCKED_MIN = 128  # queries from which the blocked kernel runs (below, one tile would be everything)
 
 
-def tile_size(head_size: int) -> int:
-    """Queries and keys per tile. Measured (2-core Xeon, one thread, forward + backward):
-    head size 32 at T = 512 and 1024, tiles of 64 beat 128 and 256 (27 vs 30 vs 38 ms at
-    (2, 8, 512, 32)); head size 64 at T = 256, tiles of 128 (48 vs 66 for 64, 92 for 256)."""
-    return 64 if head_size <= 32 else 128
+TILE_SCORES = 1 << 18  # scores one tile holds over all its heads, at head size 32 (1 MB)
+
+
+def tile_size(heads: int, head_size: int) -> int:
+    """Queries and keys per tile, for `heads` (batch x heads) score matrices side by side:
+    the largest power of two from 32 to 256 whose tiles hold at most TILE_SCORES x 32 /
+    head_size scores. Fewer heads, wider tiles: each NumPy call then does more work, which
+    matters most when two threads share Python's lock. Measured (2-core Xeon, medians of 5
+    alternating runs, ms, tiles of 64 / 128 / 256; the heads of one thread's block):
+    prefill 1 x 1008 by heads (2 x 32) 29.7 / 13.1 / 7.8; prefill 8 x 1008 (16 x 32)
+    64.8 / 47.9 / 60.6; training 4 x 512 x 8 heads (16 x 32), forward + backward
+    52.6 / 44.2 / 52.7; 8 x 256 x 6 heads (24 x 64) 33.0 / 34.5 / 43.7."""
+    budget = TILE_SCORES * 32 // (head_size * max(1, heads))
+    tile = 32
+    while tile < 256 and (2 * tile) ** 2 <= budget:
+        tile *= 2
+    return tile
 
 
 def _hidden(i0: int, i1: int, j0: int, j1: int, offset: int, xp):
@@ -118,40 +143,46 @@ def blocked_forward(q, k, v, tile: int, out=None):
     softmax: the running row max m, the running sum l of exp(s - m), and the output
     accumulated unnormalised; a new tile with a larger max rescales both by exp(m_old -
     m_new). Key tiles wholly after the query tile are skipped: about half the work. Only
-    a tile crossing the diagonal is masked.
+    a tile crossing the diagonal is masked. Each tile's scores are stored keys first,
+    (bk, ..., bq), as the whole-matrix kernel does: the max and sum over the keys are then
+    elementwise passes, not short row reductions.
     """
     xp = xp_of(q)
     Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     offset, scale = Tk - Tq, q.dtype.type(1.0 / math.sqrt(D))  # query i sits at position i + offset
+    lead = q.shape[:-2]
     out = xp.empty(q.shape, dtype=q.dtype) if out is None else out
     lse = xp.empty(q.shape[:-1], dtype=q.dtype)
+    scores = xp.empty((tile,) + lead + (tile,), dtype=q.dtype)  # one tile's s^T, reused
     for i0 in range(0, Tq, tile):
         i1 = min(i0 + tile, Tq)
-        q_tile = q[..., i0:i1, :] * scale  # (..., bq, D), the scale folded in once
+        q_tile_t = xp.swapaxes(q[..., i0:i1, :] * scale, -1, -2)  # (..., D, bq), the scale folded in once
         row_max = row_sum = acc = None
         for j0 in range(0, min(i1 + offset, Tk), tile):  # the key tiles this query tile can see
             j1 = min(j0 + tile, Tk)
-            s = q_tile @ xp.swapaxes(k[..., j0:j1, :], -1, -2)  # (..., bq, bk) scores
+            s = scores[:j1 - j0, ..., :i1 - i0]  # (bk, ..., bq)
+            xp.matmul(k[..., j0:j1, :], q_tile_t, out=xp.moveaxis(s, 0, -2))  # s^T = k q^T
             if j1 - 1 > i0 + offset:  # crosses the diagonal: hide the future
-                s[..., _hidden(i0, i1, j0, j1, offset, xp)] = -xp.inf
-            tile_max = s.max(axis=-1, keepdims=True)
+                hidden = _hidden(i0, i1, j0, j1, offset, xp).T.reshape((j1 - j0,) + (1,) * len(lead) + (i1 - i0,))
+                s += xp.where(hidden, -xp.inf, 0).astype(s.dtype)
+            tile_max = s.max(axis=0)  # (..., bq)
             if row_max is None:  # the first tile (key 0 is visible to every query: max is finite)
                 row_max = tile_max
                 s -= row_max
                 xp.exp(s, out=s)
-                row_sum, acc = s.sum(axis=-1, keepdims=True), s @ v[..., j0:j1, :]
+                row_sum, acc = s.sum(axis=0), xp.moveaxis(s, 0, -1) @ v[..., j0:j1, :]
             else:
                 new_max = xp.maximum(row_max, tile_max)
                 rescale = xp.exp(row_max - new_max)
                 s -= new_max
                 xp.exp(s, out=s)  # exp(s - m): this tile's unnormalised probabilities
                 row_sum *= rescale
-                row_sum += s.sum(axis=-1, keepdims=True)
-                acc *= rescale
-                acc += s @ v[..., j0:j1, :]
+                row_sum += s.sum(axis=0)
+                acc *= rescale[..., None]
+                acc += xp.moveaxis(s, 0, -1) @ v[..., j0:j1, :]
                 row_max = new_max
-        out[..., i0:i1, :] = acc / row_sum
-        lse[..., i0:i1] = (row_max + xp.log(row_sum))[..., 0]  # log sum exp of the row's scores
+        out[..., i0:i1, :] = acc / row_sum[..., None]
+        lse[..., i0:i1] = row_max + xp.log(row_sum)  # log sum exp of the row's scores
     return out, ("blocked", q, k, v, out, lse, tile)
 
 
@@ -199,34 +230,44 @@ class FastAttention(Function):
 class FastPackedAttention(Function):
     """Causal multi-head attention straight from packed qkv (B, T, 3C) to y (B, T, C).
 
-    Sequences of a batch are independent, so without dropout the batch is split into
-    blocks that run on all CPU cores. With `kv=(keys, values)` (B, nh, Tk, hs), read
-    from a KV cache that already holds this step's keys and values (the cache writes
-    them: model/kv_cache.py), the queries attend to those instead: the decode path, in
-    one op. That is inference only: it has no backward.
+    Sequences and heads are independent, so without dropout the batch, or with fewer
+    sequences than cores the heads, are split into blocks that run on all CPU cores.
+    With `kv=(keys, values)` (B, nh, Tk, hs), read from a KV cache that already holds
+    this step's keys and values (the cache writes them: model/kv_cache.py), the queries
+    attend to those instead: the decode path, in one op. That is inference only: it has
+    no backward.
     """
 
     def forward(self, qkv, n_head, dropout_p=0.0, kv=None):
         B, T, C3 = qkv.shape
         head_size = C3 // (3 * n_head)
         out = xp_of(qkv).empty((B, T, C3 // 3), dtype=qkv.dtype)
+        heads = qkv.reshape(B, T, 3, n_head, head_size)  # a view
+        q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs) views
+        k, v = kv if kv is not None else (k, v)  # from the cache: every position so far, this step's included
+        heads_out = out.reshape(B, T, n_head, head_size).transpose(0, 2, 1, 3)  # (B, nh, T, hs) view
+        decoding = kv is not None and T == 1  # one token: no backward will come
 
-        def block(qkv, out, *cached):
-            b = qkv.shape[0]
-            heads = qkv.reshape(b, T, 3, n_head, head_size)  # a view
-            q = heads[:, :, 0].transpose(0, 2, 1, 3)  # (b, nh, T, hs) view
-            if cached:  # every position so far, this step's included
-                k, v = cached
-            else:
-                k, v = heads[:, :, 1].transpose(0, 2, 1, 3), heads[:, :, 2].transpose(0, 2, 1, 3)
-            heads_out = out.reshape(b, T, n_head, head_size).transpose(0, 2, 1, 3)  # (b, nh, T, hs) view
+        def block(q, k, v, heads_out):
+            q, k, v, heads_out = self._unsplit(q, k, v, heads_out)
+            if decoding:
+                decode_forward(q, k, v, heads_out)
+                return None
             _, saved = attention_forward(q, k, v, True, dropout_p, out=heads_out)  # heads side by side again
             return saved
         # NOTE: dropout draws random numbers, which must come in one order to be reproducible
-        self.blocks = row_blocks(qkv) if dropout_p == 0 else [slice(None)]
-        self.saved = parallel_rows(block, qkv, out, *(kv or ()), blocks=self.blocks)
+        self.by_heads = dropout_p == 0 and B < num_threads() and n_head > B
+        arrays = self._split(q, k, v, heads_out)
+        self.blocks = row_blocks(arrays[0]) if dropout_p == 0 else [slice(None)]
+        self.saved = parallel_rows(block, *arrays, blocks=self.blocks)
         self.shape, self.cached = (T, n_head, head_size), kv is not None
         return out
+
+    # the blocks split axis 0 of (B, nh, T, hs) views: the batch, or (swapped) the heads
+    def _split(self, *arrays):
+        return [a.swapaxes(0, 1) for a in arrays] if self.by_heads else arrays
+
+    _unsplit = _split  # swapping back is the same swap
 
     # the same backward; only the head split/merge is undone by views
     def backward(self, grad):
@@ -234,11 +275,14 @@ class FastPackedAttention(Function):
             raise RuntimeError("no backward through KV-cached attention: the cache is for "
                                "generation, which runs under no_grad")
         T, n_head, head_size = self.shape
-        dqkv = xp_of(grad).empty((grad.shape[0], T, 3, n_head, head_size), dtype=grad.dtype)
+        B = grad.shape[0]
+        dqkv = xp_of(grad).empty((B, T, 3, n_head, head_size), dtype=grad.dtype)
+        g = grad.reshape(B, T, n_head, head_size).transpose(0, 2, 1, 3)  # (B, nh, T, hs) view
+        dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs) views
 
-        def block(grad, dqkv, saved):
-            g = grad.reshape(grad.shape[0], T, n_head, head_size).transpose(0, 2, 1, 3)  # (b, nh, T, hs) view
-            for i, d in enumerate(attention_backward(g, saved)):
-                dqkv[:, :, i] = d.transpose(0, 2, 1, 3)
-        parallel_rows(block, grad, dqkv, blocks=self.blocks, extras=self.saved)
-        return (dqkv.reshape(grad.shape[0], T, 3 * n_head * head_size),)
+        def block(g, dq, dk, dv, saved):
+            g, dq, dk, dv = self._unsplit(g, dq, dk, dv)
+            for target, d in zip((dq, dk, dv), attention_backward(g, saved)):
+                target[...] = d
+        parallel_rows(block, *self._split(g, dq, dk, dv), blocks=self.blocks, extras=self.saved)
+        return (dqkv.reshape(B, T, 3 * n_head * head_size),)

@@ -12,6 +12,7 @@ to this class, so imports run one way: backend <- tensor <- ops <- tiers <- nn.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator
 
 from . import backend
@@ -68,7 +69,6 @@ class Function:
     @classmethod
     def apply(cls, *inputs: Any, **options: Any) -> "Tensor":
         """Run forward on the inputs' arrays; record the op if any input needs a gradient."""
-        ctx = cls()
         arrays, needs_grad, device = [], [], None
         for x in inputs:  # one pass: unwrap tensors, note who wants a gradient, check devices
             if isinstance(x, Tensor):
@@ -83,16 +83,34 @@ class Function:
             else:
                 arrays.append(x)
                 needs_grad.append(False)
+        requires_grad = _grad_enabled and any(needs_grad)
+        ctx = cls() if requires_grad else _spare(cls)
         ctx.needs_grad = needs_grad
         out = ctx.forward(*arrays, **options)
         if isinstance(out, backend.numpy.generic):  # NumPy reductions return scalars
             out = backend.numpy.asarray(out)
-        requires_grad = _grad_enabled and any(needs_grad)
         result = Tensor._from_array(out, requires_grad)
         if requires_grad:
             ctx.inputs = inputs
             result._ctx = ctx
+        else:
+            ctx.__dict__.clear()  # no backward will come: drop what forward kept at once
         return result
+
+
+# NOTE: an op that records nothing (no_grad, or no input wants a gradient: inference) runs
+# its forward on a spare instance of its class, one per thread, wiped after each call. A
+# decoded token's ~50 ops then build no Function objects and keep none of their buffers.
+_spares = threading.local()
+
+
+def _spare(cls: type) -> Function:
+    """The reusable instance of `cls` for ops that record nothing, in this thread."""
+    spares = _spares.__dict__
+    ctx = spares.get(cls)
+    if ctx is None:
+        ctx = spares[cls] = cls()
+    return ctx
 
 
 # --- Tensor ---------------------------------------------------------------------------
