@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tinygrad_lite.functional as F
-from tinygrad_lite import Tensor, backend, fast_attention
+from tinygrad_lite import Tensor, backend, cpu, fast_attention
 
 from strategies import tensor
 
@@ -39,15 +39,24 @@ def test_blocked_attention_equals_the_primitive_one(Tq, Tk, tile):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-11, err_msg=f"d{name}")
 
 
-def test_the_fast_tier_runs_the_blocked_kernel_on_long_sequences_and_gets_the_same_answer():
+T_LONG = fast_attention.BLOCKED_MIN + 37  # not a multiple of the tile
+
+
+# one call; blocks split by sequence (2 x 4 heads); blocks split by head (1 sequence, 4 heads)
+@pytest.mark.parametrize("shape", [(1, 2, T_LONG, 8), (2, 4, T_LONG, 64), (1, 4, 300, 64)])
+def test_the_fast_tier_runs_the_blocked_kernel_on_long_sequences_and_gets_the_same_answer(shape):
     rng = np.random.default_rng(1)
-    T = fast_attention.BLOCKED_MIN + 37  # not a multiple of the tile
-    q, k, v = (rng.standard_normal((1, 2, T, 8)) for _ in range(3))
-    grad = rng.standard_normal((1, 2, T, 8))
+    q, k, v, grad = (rng.standard_normal(shape) for _ in range(4))
     leaves = [tensor(a) for a in (q, k, v)]
     with F.ops_tier("fast"):
         out = F.scaled_dot_product_attention(*leaves, causal=True)
-    assert out._ctx.saved[0] == "blocked"
+    ctx = out._ctx
+    assert all(saved[0] == "blocked" for saved in ctx.saved)
+    if backend.default_device() == "cpu" and cpu.num_threads() > 1 and shape[1] == 4:
+        if shape[0] > 1:
+            assert len(ctx.blocks) == 2 and not ctx.by_heads  # the 2 sequences, one per thread
+        else:
+            assert len(ctx.blocks) == min(4, cpu.num_threads()) and ctx.by_heads  # 1 sequence: its heads split
     out.backward(Tensor(grad))
     ref_out, ref_grads = primitive_attention(q, k, v, grad)
     np.testing.assert_allclose(out.numpy(), ref_out, rtol=1e-10, atol=1e-12)

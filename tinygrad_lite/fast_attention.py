@@ -216,26 +216,76 @@ def blocked_backward(grad, saved):
     return dq, dk, dv
 
 
-class FastAttention(Function):
+class FastMultiCoreAttention(Function):
+    """Attention of (B, H, T, D) views run in blocks on all CPU cores: sequences and heads
+    are independent, so without dropout the batch, or with fewer sequences than cores the
+    heads, are split into blocks (cpu.parallel_rows). The subclasses say how their inputs
+    and outputs become such views."""
+
+    def _attend(self, q, k, v, out, causal: bool, dropout_p: float, decoding: bool) -> None:
+        B, H = q.shape[0], q.shape[1]
+
+        def block(q, k, v, out):
+            q, k, v, out = self._unsplit(q, k, v, out)
+            if decoding:  # one query over a KV cache: no backward will come
+                decode_forward(q, k, v, out)
+                return None
+            _, saved = attention_forward(q, k, v, causal, dropout_p, out=out)
+            return saved
+        # NOTE: dropout draws random numbers, which must come in one order to be reproducible
+        self.by_heads = dropout_p == 0 and B < num_threads() and H > B
+        arrays = self._split(q, k, v, out)
+        self.blocks = row_blocks(arrays[0]) if dropout_p == 0 else [slice(None)]
+        self.saved = parallel_rows(block, *arrays, blocks=self.blocks)
+
+    def _attend_backward(self, grad, dq, dk, dv) -> None:
+        def block(grad, dq, dk, dv, saved):
+            grad, dq, dk, dv = self._unsplit(grad, dq, dk, dv)
+            for target, d in zip((dq, dk, dv), attention_backward(grad, saved)):
+                target[...] = d
+        parallel_rows(block, *self._split(grad, dq, dk, dv), blocks=self.blocks, extras=self.saved)
+
+    # the blocks split axis 0 of (B, H, T, D) views: the batch, or (swapped) the heads
+    def _split(self, *arrays):
+        return [a.swapaxes(0, 1) for a in arrays] if self.by_heads else arrays
+
+    _unsplit = _split  # swapping back is the same swap
+
+
+class FastAttention(FastMultiCoreAttention):
     """FusedAttention's op on the keys-first layout. q (B, H, Tq, D), k, v (B, H, Tk, D)."""
 
     def forward(self, q, k, v, causal=True, dropout_p=0.0):
-        out, self.saved = attention_forward(q, k, v, causal, dropout_p)
+        xp = xp_of(q)
+        out = xp.empty(q.shape, dtype=q.dtype)
+        decoding = q.shape[-2] == 1 and dropout_p == 0 and not any(self.needs_grad)  # one query, inference
+        if q.ndim != 4 or k.shape[:2] != q.shape[:2]:  # not (B, H, T, D) throughout: one call
+            self.blocks = None
+            if decoding:
+                return decode_forward(q, k, v, out)
+            out, self.saved = attention_forward(q, k, v, causal, dropout_p, out=out)
+            return out
+        self._attend(q, k, v, out, causal, dropout_p, decoding)
+        self.shapes = q.shape, k.shape, v.shape
         return out
 
     def backward(self, grad):
-        return attention_backward(grad, self.saved)
+        if self.blocks is None:
+            return attention_backward(grad, self.saved)
+        xp = xp_of(grad)
+        dq, dk, dv = (xp.empty(shape, dtype=grad.dtype) for shape in self.shapes)
+        self._attend_backward(grad, dq, dk, dv)
+        return dq, dk, dv
 
 
-class FastPackedAttention(Function):
+class FastPackedAttention(FastMultiCoreAttention):
     """Causal multi-head attention straight from packed qkv (B, T, 3C) to y (B, T, C).
 
-    Sequences and heads are independent, so without dropout the batch, or with fewer
-    sequences than cores the heads, are split into blocks that run on all CPU cores.
-    With `kv=(keys, values)` (B, nh, Tk, hs), read from a KV cache that already holds
-    this step's keys and values (the cache writes them: model/kv_cache.py), the queries
-    attend to those instead: the decode path, in one op. That is inference only: it has
-    no backward.
+    Splitting into heads and merging them back are views, and the heads run on all cores
+    (FastMultiCoreAttention). With `kv=(keys, values)` (B, nh, Tk, hs), read from a KV cache that
+    already holds this step's keys and values (the cache writes them: model/kv_cache.py),
+    the queries attend to those instead: the decode path, in one op. That is inference
+    only: it has no backward.
     """
 
     def forward(self, qkv, n_head, dropout_p=0.0, kv=None):
@@ -246,28 +296,9 @@ class FastPackedAttention(Function):
         q, k, v = (heads[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs) views
         k, v = kv if kv is not None else (k, v)  # from the cache: every position so far, this step's included
         heads_out = out.reshape(B, T, n_head, head_size).transpose(0, 2, 1, 3)  # (B, nh, T, hs) view
-        decoding = kv is not None and T == 1  # one token: no backward will come
-
-        def block(q, k, v, heads_out):
-            q, k, v, heads_out = self._unsplit(q, k, v, heads_out)
-            if decoding:
-                decode_forward(q, k, v, heads_out)
-                return None
-            _, saved = attention_forward(q, k, v, True, dropout_p, out=heads_out)  # heads side by side again
-            return saved
-        # NOTE: dropout draws random numbers, which must come in one order to be reproducible
-        self.by_heads = dropout_p == 0 and B < num_threads() and n_head > B
-        arrays = self._split(q, k, v, heads_out)
-        self.blocks = row_blocks(arrays[0]) if dropout_p == 0 else [slice(None)]
-        self.saved = parallel_rows(block, *arrays, blocks=self.blocks)
+        self._attend(q, k, v, heads_out, True, dropout_p, decoding=kv is not None and T == 1)
         self.shape, self.cached = (T, n_head, head_size), kv is not None
         return out
-
-    # the blocks split axis 0 of (B, nh, T, hs) views: the batch, or (swapped) the heads
-    def _split(self, *arrays):
-        return [a.swapaxes(0, 1) for a in arrays] if self.by_heads else arrays
-
-    _unsplit = _split  # swapping back is the same swap
 
     # the same backward; only the head split/merge is undone by views
     def backward(self, grad):
@@ -279,10 +310,5 @@ class FastPackedAttention(Function):
         dqkv = xp_of(grad).empty((B, T, 3, n_head, head_size), dtype=grad.dtype)
         g = grad.reshape(B, T, n_head, head_size).transpose(0, 2, 1, 3)  # (B, nh, T, hs) view
         dq, dk, dv = (dqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs) views
-
-        def block(g, dq, dk, dv, saved):
-            g, dq, dk, dv = self._unsplit(g, dq, dk, dv)
-            for target, d in zip((dq, dk, dv), attention_backward(g, saved)):
-                target[...] = d
-        parallel_rows(block, *self._split(g, dq, dk, dv), blocks=self.blocks, extras=self.saved)
+        self._attend_backward(g, dq, dk, dv)
         return (dqkv.reshape(B, T, 3 * n_head * head_size),)

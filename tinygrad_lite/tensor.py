@@ -85,7 +85,7 @@ class Function:
                 needs_grad.append(False)
         requires_grad = _grad_enabled and any(needs_grad)
         ctx = cls() if requires_grad else _spare(cls)
-        ctx.needs_grad = needs_grad
+        ctx.needs_grad = needs_grad if requires_grad else [False] * len(needs_grad)  # no backward will come
         out = ctx.forward(*arrays, **options)
         if isinstance(out, backend.numpy.generic):  # NumPy reductions return scalars
             out = backend.numpy.asarray(out)
