@@ -45,6 +45,11 @@ class ChatTokenizer:
     def special(self, name: str) -> int:
         return self.ids[name]
 
+    @property
+    def end_of_turn(self) -> int:
+        """The id of <|end|>: where the assistant's answer ends (the serving engine stops there)."""
+        return self.special(END)
+
     def encode(self, text: str) -> list[int]:
         return self.base.encode(text)
 

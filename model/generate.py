@@ -88,8 +88,9 @@ class Context:
             start_pos = self.cache.pos
         ids = Tensor([row[self.start + start_pos:n] for row in rows], dtype="int64", device=self.device)
         with no_grad():  # entered per call: a suspended generator must not leave it switched on
-            logits, _ = self.model(ids, cache=self.cache, start_pos=start_pos)  # (B, n - start - start_pos, V)
-        return logits.data[:, -last:]
+            wanted = slice(-last, None) if ids.shape[1] > last else None  # (a decode step: its only position)
+            logits, _ = self.model(ids, cache=self.cache, start_pos=start_pos, logits_at=wanted)
+        return logits.data  # (B, last, V)
 
     def rollback(self, n_valid: int) -> None:
         """Forget the cached positions of tokens n_valid, n_valid + 1, ... (rejected

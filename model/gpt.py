@@ -124,25 +124,33 @@ class GPT(nn.Module):
                 p.data = backend.randn(p.shape, device, std=0.02)
 
     def forward(self, idx, targets=None, cache: KVCache | None = None,
-                start_pos: int = 0) -> tuple[Tensor, Tensor | None]:
+                start_pos: int = 0, logits_at=None) -> tuple[Tensor, Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy
         against targets (B, T) when given; a target of IGNORE (-1) counts for nothing (the
         prompt and padding of fine-tuning chats). With a KV cache, idx holds the tokens at
-        positions start_pos .. start_pos+T-1 and the cache supplies the earlier ones."""
+        positions start_pos .. start_pos+T-1 and the cache supplies the earlier ones. With
+        the serving engine's PagedBatch as the cache (model/paged_kv_cache.py), idx (1, N)
+        packs several sequences' tokens side by side and each sits at its own position,
+        cache.positions (N,). logits_at (an index or slice of the T columns) limits the
+        logits to those columns: generation needs the last position's only."""
         idx = idx.data if isinstance(idx, Tensor) else idx
         B, T = idx.shape
-        if start_pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {start_pos + T} tokens is longer than block_size "
-                             f"{self.config.block_size}")
+        paged = cache is not None and cache.paged
+        end = cache.end if paged else start_pos + T
+        if end > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
         x = F.embedding(self.wte.weight, idx)  # (B, T, C)
         if self.wpe is not None:
-            positions = backend.namespace(self.wte.weight.device).arange(start_pos, start_pos + T)
+            positions = (cache.positions if paged else
+                         backend.namespace(self.wte.weight.device).arange(start_pos, start_pos + T))
             x = x + F.embedding(self.wpe.weight, positions)  # (T, C) broadcast over B
         x = self.drop(x)
         for layer, block in enumerate(self.h):
             x = block(x, cache, layer, start_pos)  # (B, T, C)
-        if cache is not None:
+        if cache is not None and not paged:
             cache.pos = start_pos + T  # every layer has stored its keys and values for these
+        if logits_at is not None:
+            x = x[:, logits_at]  # (B, T', C): only the positions whose next token is wanted
         x = self.ln_f(x)
         logits = F.linear(x, self.wte.weight)  # (B, T, V): tied output head
         loss = F.cross_entropy(logits, targets, ignore_index=IGNORE) if targets is not None else None

@@ -18,6 +18,8 @@ from tinygrad_lite import Tensor, backend
 class KVCache:
     """Buffers k, v: n_layer x (B, n_head, max_len, head_size), filled up to `pos`."""
 
+    paged = False  # one contiguous buffer per row (the serving engine's pages: paged_kv_cache.py)
+
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_size: int,
                  dtype="float32", device: str | None = None) -> None:
         xp = backend.namespace(device or backend.default_device())

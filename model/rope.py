@@ -28,14 +28,16 @@ class RotaryEmbedding:
         self.sin = xp.sin(angles).astype("float32")
         self.max_positions = max_positions
 
-    def __call__(self, x: Tensor, start_pos: int = 0) -> Tensor:
-        """Rotate x (B, H, T, D) as if its tokens sat at positions start_pos .. start_pos+T-1."""
+    def __call__(self, x: Tensor, start_pos: int = 0, positions=None) -> Tensor:
+        """Rotate x (B, H, T, D) as if its tokens sat at positions start_pos .. start_pos+T-1,
+        or at `positions` (T,) (the serving engine packs several sequences into one row)."""
         T, D = x.shape[-2], x.shape[-1]
-        if start_pos + T > self.max_positions:
-            raise ValueError(f"RoPE table covers {self.max_positions} positions, asked for "
-                             f"{start_pos + T}")
-        cos = Tensor(self.cos[start_pos:start_pos + T].astype(x.dtype))  # (T, D/2)
-        sin = Tensor(self.sin[start_pos:start_pos + T].astype(x.dtype))
+        end = start_pos + T if positions is None else int(positions.max()) + 1
+        if end > self.max_positions:
+            raise ValueError(f"RoPE table covers {self.max_positions} positions, asked for {end}")
+        rows = slice(start_pos, start_pos + T) if positions is None else positions
+        cos = Tensor(self.cos[rows].astype(x.dtype))  # (T, D/2)
+        sin = Tensor(self.sin[rows].astype(x.dtype))
         x1, x2 = x[..., :D // 2], x[..., D // 2:]  # the two halves of each pair: (B, H, T, D/2)
         # a 2-D rotation of (x1, x2) by the angle: (x1 cos - x2 sin, x1 sin + x2 cos)
         return concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)

@@ -1,0 +1,348 @@
+"""Serving many users: an engine that batches requests continuously over a paged KV cache.
+
+generate() runs a batch from start to end: a request that arrives meanwhile waits for
+the whole batch, and a row that finishes early idles until the longest one is done. An
+inference server (vLLM, TGI) instead schedules *every step*:
+
+- **Continuous batching.** Between two steps, finished requests leave and waiting ones
+  join, up to `max_batch_size` sequences and `max_step_tokens` tokens a step. One step
+  is one forward pass over every scheduled sequence, whatever its length: the new
+  tokens of all of them are packed side by side in one row, each at its own position,
+  and each attends to its own keys and values (model/paged_kv_cache.py). A running
+  sequence brings its one new token (decode); a new one brings its prompt (prefill),
+  cut into chunks when the step's token budget is smaller.
+- **Paged KV cache.** Keys and values live in a pool of pages; a sequence takes pages
+  as it grows. When the pool runs dry, the newest request is *preempted*: its pages go
+  back, it returns to the front of the queue, and when it is readmitted its tokens so
+  far (prompt and output) are computed again.
+- **Prefix caching.** Requests that start alike (one system prompt) share the pages of
+  that prefix, and their prefill starts after it.
+- Each request samples with its own settings and its own seeded random numbers, so a
+  seeded request gives the same tokens alone or in a busy batch. It ends at
+  max_new_tokens, at a stop string, at the tokenizer's end-of-turn token (a chat
+  model's <|end|>), or when cancelled.
+
+The batch-size trade-off this buys, measured: lab/batching.py; the HTTP front: serve.py.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from tinygrad_lite import backend, no_grad
+
+from .generate import TextFollower, _check_stops
+from .paged_kv_cache import PagedBatch, PagedKVCache, page_key
+from .sampling import Sampler
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (too long, bad settings): the server's 400."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's tokens, settings, pages and timings (time.perf_counter() seconds)."""
+
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    sampler: Sampler
+    follower: TextFollower | None  # watches for stop strings (needs the tokenizer)
+    output: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)  # the block table
+    page_keys: list[int] = field(default_factory=list)  # prefix keys of its full pages so far
+    num_cached: int = 0  # tokens whose keys and values are in its pages
+    prefix_tokens: int = 0  # prompt tokens whose prefill the prefix cache saved
+    finish_reason: str | None = None  # "length", "stop" or "cancelled" once finished
+    queued: float = 0.0
+    first_token: float | None = None
+    finished: float | None = None
+    cancel_requested: bool = False
+    admissions: int = 0  # times it entered the running batch (a preempted one comes back)
+    text: str = ""  # the text so far, without a stop string (with a tokenizer)
+    tokens: list[int] = field(init=False)  # prompt + output, kept as one list (read every step)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.prompt + self.output
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self) -> list[int]:
+        """The generated ids, without the stop string's."""
+        return self.follower.kept_ids() if self.follower is not None and self.follower.stopped else list(self.output)
+
+
+class Engine:
+    """Continuous batching over a paged KV cache. Not thread-safe: one thread steps it
+    (serve.py's engine thread); others hand it requests through that thread.
+
+    Engine(model, max_batch_size, page_size, num_blocks, tokenizer=None):
+      - submit(prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+        seed=None, stop=()) -> request id;
+      - step() -> {request id: [ids emitted this step]}; run() -> {request id: ids};
+      - cancel(id); request(id) (timings, finish reason); free_blocks, num_blocks,
+        prefix_hits (pages reused), prefix_hit_tokens (prompt tokens not recomputed).
+    max_step_tokens is the token budget of one step; prefix_caching=False turns sharing off
+    (lab/batching.py measures what it saves).
+    """
+
+    def __init__(self, model: Any, max_batch_size: int = 8, page_size: int = 16, num_blocks: int = 256,
+                 tokenizer: Any = None, max_step_tokens: int = 2048, prefix_caching: bool = True) -> None:
+        for name, value in (("max_batch_size", max_batch_size), ("page_size", page_size),
+                            ("num_blocks", num_blocks), ("max_step_tokens", max_step_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if max_step_tokens < max_batch_size:
+            raise ValueError(f"max_step_tokens ({max_step_tokens}) must be >= max_batch_size "
+                             f"({max_batch_size}): every running sequence decodes a token each step")
+        model.eval()
+        c = model.config
+        self.model, self.tokenizer = model, tokenizer or getattr(model, "tokenizer", None)
+        self.max_batch_size, self.page_size, self.max_step_tokens = max_batch_size, page_size, max_step_tokens
+        self.cache = PagedKVCache(c.n_layer, num_blocks, page_size, c.n_head, c.n_embd // c.n_head,
+                                  dtype=model.wte.weight.dtype, device=model.wte.weight.device)
+        self.pool = self.cache.pool
+        self.end_id = getattr(self.tokenizer, "end_of_turn", None)  # a chat model's <|end|>
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self.prefix_caching = prefix_caching
+        self.prefix_hits = 0
+        self.prefix_hit_tokens = 0
+        self.computed_tokens = 0  # tokens run through the model (prefill, recomputation, decode)
+        self.preemptions = 0
+        self.forward_passes = 0
+        self._cancels = 0  # cancel() calls since the last step
+
+    # --- the public API -----------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def free_blocks(self) -> int:
+        return self.pool.num_free
+
+    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               stop: Sequence[str] = ()) -> int:
+        """Queue a request; returns its id. Refused (RequestError) when it cannot be served."""
+        prompt = [int(t) for t in prompt_ids]
+        block_size, vocab = self.model.config.block_size, self.model.config.vocab_size
+        if not prompt:
+            raise RequestError("the prompt is empty: the model needs at least one token")
+        if any(not 0 <= t < vocab for t in prompt):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if len(prompt) + max_new_tokens > block_size:
+            raise RequestError(f"the prompt ({len(prompt)} tokens) plus max_new_tokens ({max_new_tokens}) "
+                               f"is longer than the model's context of {block_size} tokens")
+        if -(-(len(prompt) + max_new_tokens) // self.page_size) > self.num_blocks:
+            raise RequestError(f"the request needs more than the cache's {self.num_blocks} pages of "
+                               f"{self.page_size} tokens")
+        try:
+            stops = _check_stops(stop)
+            sampler = Sampler(temperature, top_k, top_p, seed)
+        except ValueError as error:
+            raise RequestError(str(error)) from None
+        if stops and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer (Engine(..., tokenizer=...))")
+        follower = TextFollower(self.tokenizer.decode, stops) if self.tokenizer is not None else None
+        request = Request(next(self._ids), prompt, max_new_tokens, sampler, follower, queued=time.perf_counter())
+        self.requests[request.id] = request
+        self.waiting.append(request)
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request at the next step (a client that went away); its pages go back."""
+        request = self.requests.get(request_id)
+        if request is not None and not request.done:
+            request.cancel_requested = True
+            self._cancels += 1
+
+    def request(self, request_id: int) -> Request:
+        return self.requests[request_id]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def run(self) -> dict[int, list[int]]:
+        """Step until every request is done; {request id: generated ids} of all of them."""
+        while self.has_work():
+            self.step()
+        return {rid: r.result() for rid, r in self.requests.items()}
+
+    def step(self) -> dict[int, list[int]]:
+        """One scheduler step and (at most) one forward pass: {request id: ids emitted}."""
+        emitted: dict[int, list[int]] = {}
+        if self._cancels:
+            for request in [r for r in (*self.running, *self.waiting) if r.cancel_requested]:
+                self._finish(request, "cancelled")
+                emitted[request.id] = []
+            self._cancels = 0
+        batch = self._schedule()
+        if not batch:
+            return emitted
+        logits = self._forward(batch)
+        due = [request for request, _ in batch if request.num_cached == len(request.tokens)]
+        greedy = logits.argmax(axis=-1).tolist()  # one call for every greedy request (host logits)
+        for i, request in enumerate(due):
+            token = greedy[i] if request.sampler.temperature == 0 else request.sampler(logits[i:i + 1])[0]
+            emitted[request.id] = [token]
+            self._append(request, token)
+        return emitted
+
+    # --- scheduling ------------------------------------------------------------------------
+
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """Which requests compute how many tokens this step: the running ones first (oldest
+        first), then waiting ones while there is room in the batch, the budget and the pool."""
+        budget, batch = self.max_step_tokens, []
+        for request in list(self.running):
+            if request not in self.running:  # preempted below, to make room for an older one
+                continue
+            n = min(len(request.tokens) - request.num_cached, budget)
+            if n == 0:  # an older sequence's prefill chunk took the whole budget: next step
+                continue
+            while not self._reserve(request, n):
+                victim = self.running[-1]  # the newest
+                self._preempt(victim)
+                if victim is request:
+                    break
+            else:
+                batch.append((request, n))
+                budget -= n
+        starting: set[int] = set()  # first-page keys of the prompts this step starts computing
+        while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
+            request = self.waiting[0]
+            hits = self._reuse_prefix(request)
+            first = self._first_page_key(request)
+            if hits == 0 and first in starting:
+                break  # another request computes this prompt's start right now: share it next step
+            n = min(len(request.tokens) - request.num_cached, budget)
+            if not self._reserve(request, n):
+                self._release(request)  # the pool is full: it waits for pages, holding none
+                break
+            if hits == 0 and first is not None:
+                starting.add(first)
+            self.prefix_hits += hits
+            self.prefix_hit_tokens += hits * self.page_size
+            request.prefix_tokens += hits * self.page_size
+            self.waiting.popleft()
+            self.running.append(request)
+            request.admissions += 1
+            batch.append((request, n))
+            budget -= n
+        return batch
+
+    def _reserve(self, request: Request, n: int) -> bool:
+        """Pages for the request's first num_cached + n tokens, if the pool has them."""
+        needed = -(-(request.num_cached + n) // self.page_size) - len(request.pages)
+        if needed > self.pool.num_free:
+            return False
+        request.pages += [self.pool.allocate() for _ in range(needed)]
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        """Give back the request's pages; it waits at the front, to be computed again."""
+        self._release(request)
+        self.running.remove(request)
+        self.waiting.appendleft(request)
+        self.preemptions += 1
+
+    def _release(self, request: Request) -> None:
+        for page in request.pages:
+            self.pool.release(page)
+        request.pages, request.page_keys, request.num_cached = [], [], 0
+
+    def _first_page_key(self, request: Request) -> int | None:
+        """The prefix key of the request's first page, if that page will be full and shareable."""
+        if not self.prefix_caching or len(request.tokens) <= self.page_size:
+            return None
+        return page_key(None, request.tokens[:self.page_size])
+
+    def _reuse_prefix(self, request: Request) -> int:
+        """Hold the cached pages that hold the start of the request's tokens, so their
+        prefill is skipped; returns how many. The last token is always computed: its
+        logits choose the next token."""
+        tokens, page = request.tokens, self.page_size
+        key = None
+        for i in range((len(tokens) - 1) // page if self.prefix_caching else 0):
+            chunk = tokens[i * page:(i + 1) * page]
+            key = page_key(key, chunk)
+            hit = self.pool.lookup(key, chunk)
+            if hit is None:
+                break
+            self.pool.hold(hit)
+            request.pages.append(hit)
+            request.page_keys.append(key)
+            request.num_cached += page
+        return len(request.pages)
+
+    # --- the forward pass and its results ---------------------------------------------------
+
+    def _forward(self, batch: list[tuple[Request, int]]) -> Any:
+        """One forward pass over the batch's new tokens, packed in one row. Returns the host
+        logits (R, V) of the R requests whose known tokens are now all computed."""
+        ids, segments, wanted = [], [], []
+        for request, n in batch:
+            start = request.num_cached
+            ids += request.tokens[start:start + n]
+            segments.append(((request.id, request.admissions), request.pages, start, n))
+            if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
+                wanted.append(len(ids) - 1)
+        device = self.model.wte.weight.device
+        view = PagedBatch(self.cache, segments)
+        columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
+        at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
+        with no_grad():
+            logits, _ = self.model(backend.asarray([ids], device), cache=view, logits_at=at)
+        self.forward_passes += 1
+        self.computed_tokens += len(ids)
+        for request, n in batch:
+            request.num_cached += n
+            if request.num_cached // self.page_size > len(request.page_keys):
+                self._register_full_pages(request)
+        return backend.to_numpy(logits.data[0])[:len(wanted)]  # (R, V)
+
+    def _register_full_pages(self, request: Request) -> None:
+        """Offer the request's newly full pages to the prefix cache."""
+        tokens, page = request.tokens, self.page_size
+        for i in range(len(request.page_keys), request.num_cached // page):
+            key = page_key(request.page_keys[-1] if request.page_keys else None, tokens[i * page:(i + 1) * page])
+            request.page_keys.append(key)
+            self.pool.register(request.pages[i], key, tokens[i * page:(i + 1) * page])
+
+    def _append(self, request: Request, token: int) -> None:
+        now = time.perf_counter()
+        if request.first_token is None:
+            request.first_token = now
+        request.output.append(token)
+        request.tokens.append(token)
+        if token == self.end_id:  # the end of the turn: among the ids, not in the text
+            return self._finish(request, "stop")
+        if request.follower is not None:
+            request.text += request.follower.add(token)
+            if request.follower.stopped:
+                return self._finish(request, "stop")
+        if len(request.output) >= request.max_new_tokens:
+            self._finish(request, "length")
+
+    def _finish(self, request: Request, reason: str) -> None:
+        if request.follower is not None and not request.follower.stopped:
+            request.text += request.follower.finish()  # what it held back for a possible stop string
+        request.finish_reason, request.finished = reason, time.perf_counter()
+        self._release(request)
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)

@@ -1,0 +1,305 @@
+"""The serving engine (model/serving.py): continuous batching over a paged KV cache gives
+every request what generate() gives it alone; prefix pages are shared and their prefill
+skipped; preemption, chunked prefill, stopping, cancellation and refusals. Tiny random
+models; the file also runs with TINYGRAD_LITE_DEVICE=strict.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tinygrad_lite
+from model.chat import ChatTokenizer
+from model.generate import generate
+from model.gpt import GPT, GPTConfig
+from model.serving import Engine, RequestError
+from model.tokenizer import CharTokenizer
+
+TEXT = "abcdefghijklmnopqrstuvwxyz .,!?"
+
+
+def tiny_gpt(pos: str = "learned", seed: int = 0, **overrides) -> GPT:
+    config = dict(vocab_size=len(TEXT), block_size=64, n_layer=2, n_head=2, n_embd=16, pos=pos)
+    config.update(overrides)
+    tinygrad_lite.manual_seed(seed)
+    return GPT(GPTConfig(**config))
+
+
+def prompts(lengths, seed: int = 0, vocab: int = len(TEXT)) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def alone(model: GPT, prompt: list[int], n: int, **sampling) -> list[int]:
+    return generate(model, [prompt], n, temperature=sampling.pop("temperature", 0.0), **sampling)[0]
+
+
+def assert_pool_is_empty(engine: Engine) -> None:
+    assert engine.free_blocks == engine.num_blocks
+    assert engine.pool.ref_counts == [0] * engine.num_blocks
+
+
+# --- the engine's outputs are generate()'s ------------------------------------------------
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_ragged_requests_arriving_while_others_decode_equal_generate_alone(pos):
+    model = tiny_gpt(pos)
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
+    first = prompts([5, 9])
+    shared = prompts([10])[0]  # a prefix two later requests share (2.5 pages)
+    later = [shared + [1, 2], shared + [3], prompts([3], seed=1)[0]]
+    wanted = {}
+    for p in first:
+        wanted[engine.submit(p, 12, temperature=0)] = p
+    for _ in range(4):  # the first two are decoding when the others arrive
+        engine.step()
+    for p in later:
+        wanted[engine.submit(p, 10, temperature=0)] = p
+    results = engine.run()
+    for rid, p in wanted.items():
+        assert results[rid] == alone(model, p, engine.request(rid).max_new_tokens), rid
+    assert engine.prefix_hits >= 2  # the second user of `shared` found its 2 full pages
+    assert_pool_is_empty(engine)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_pages_filled_while_decoding_hold_the_keys_and_values_of_a_contiguous_cache(pos):
+    # while a group decodes, its rows reach the pages only when a page fills or the group
+    # breaks up (PagedBatch.attend's write-back); every full page must then hold what
+    # generate()'s contiguous cache holds for those positions, and serve a later prefix hit
+    from model.paged_kv_cache import page_key
+    from tinygrad_lite import Tensor, no_grad
+    model = tiny_gpt(pos)
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
+    first = prompts([5, 7, 6])
+    rids = [engine.submit(p, n, temperature=0) for p, n in zip(first, (21, 13, 17))]  # they leave one by one
+    results = engine.run()
+    for rid, p in zip(rids, first):
+        tokens = p + results[rid][:-1]  # (the last token's keys were never computed)
+        cache = model.new_cache(1)
+        with no_grad():
+            model(Tensor([tokens], dtype="int64"), cache=cache)
+        key = None
+        for i in range(len(tokens) // 4):
+            key = page_key(key, tokens[4 * i:4 * i + 4])
+            page = engine.pool.lookup(key, tokens[4 * i:4 * i + 4])
+            assert page is not None, (rid, i)
+            for layer in range(model.config.n_layer):
+                for pool, contiguous in ((engine.cache.k, cache.k), (engine.cache.v, cache.v)):
+                    np.testing.assert_allclose(pool[layer][page], contiguous[layer][0, :, 4 * i:4 * i + 4].transpose(1, 0, 2),
+                                               rtol=1e-5, atol=1e-6)
+    later = [p + results[rid][:-1] for p, rid in zip(first, rids)]  # starts with pages filled by decoding
+    hits = engine.prefix_hits
+    again = [engine.submit(p, 6, temperature=0) for p in later]
+    results = engine.run()
+    assert engine.prefix_hits - hits == sum((len(p) - 1) // 4 for p in later)
+    for rid, p in zip(again, later):
+        assert results[rid] == alone(model, p, 6)
+    assert_pool_is_empty(engine)
+
+
+def test_sequences_that_decoded_as_one_group_go_on_right_when_it_breaks_up():
+    # equal prompts decode as one group whose new rows wait in its gathered copy; when one
+    # leaves, the others are gathered again from their pages, which must have those rows
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
+    same_length = prompts([6, 6, 6], seed=3)
+    rids = [engine.submit(p, n, temperature=0) for p, n in zip(same_length, (6, 11, 18))]
+    results = engine.run()
+    for rid, p in zip(rids, same_length):
+        assert results[rid] == alone(model, p, engine.request(rid).max_new_tokens), rid
+    assert_pool_is_empty(engine)
+
+
+def test_a_seeded_sampled_request_gives_the_same_tokens_alone_and_in_a_busy_batch():
+    model = tiny_gpt()
+    p = prompts([6])[0]
+    solo = Engine(model, max_batch_size=4, page_size=4, num_blocks=32)
+    rid = solo.submit(p, 15, temperature=1.0, top_k=10, seed=7)
+    alone_tokens = solo.run()[rid]
+    busy = Engine(model, max_batch_size=4, page_size=4, num_blocks=32)
+    for q in prompts([3, 8, 11], seed=2):
+        busy.submit(q, 15, temperature=1.0)  # unseeded neighbours
+    rid = busy.submit(p, 15, temperature=1.0, top_k=10, seed=7)
+    assert busy.run()[rid] == alone_tokens
+    # and it is generate()'s draw with that seed, too
+    assert alone_tokens == alone(model, p, 15, temperature=1.0, top_k=10, seed=7)
+
+
+def test_one_forward_pass_per_step_with_sequences_of_different_lengths(monkeypatch):
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
+    for p in prompts([3, 7, 12]):
+        engine.submit(p, 8, temperature=0)
+    calls = []
+    real_forward = GPT.forward
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: calls.append(1) or real_forward(self, *a, **k))
+    engine.step()  # the three prefills, together
+    assert len(calls) == 1 and len(engine.running) == 3
+    for _ in range(5):
+        calls.clear()
+        emitted = engine.step()
+        assert len(calls) == 1 and len(emitted) == 3  # three ragged decodes, one pass
+    assert {len(r.tokens) for r in engine.running} == {9, 13, 18}
+
+
+# --- pages: prefix sharing, the pool, preemption ----------------------------------------
+
+
+def test_requests_sharing_a_prefix_hold_the_same_pages_and_skip_its_prefill():
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=32)
+    system = prompts([13])[0]  # 3 full pages and one token
+    a = engine.submit(system + [5, 6], 6, temperature=0)
+    engine.step()
+    b = engine.submit(system + [7], 6, temperature=0)
+    computed = []
+    real_forward = engine._forward
+    engine._forward = lambda batch: computed.extend(n for _, n in batch) or real_forward(batch)
+    engine.step()
+    ra, rb = engine.request(a), engine.request(b)
+    assert rb.pages[:3] == ra.pages[:3]  # the same physical pages
+    assert all(engine.pool.ref_counts[p] == 2 for p in ra.pages[:3])
+    assert rb.pages[3] != ra.pages[3]  # where they differ, their own
+    assert engine.prefix_hits == 3 and engine.prefix_hit_tokens == 12 and rb.prefix_tokens == 12
+    assert computed == [1, 2]  # a decodes one token; b's prefill is the 2 tokens after the prefix
+    results = engine.run()
+    assert results[a] == alone(model, system + [5, 6], 6) and results[b] == alone(model, system + [7], 6)
+    assert_pool_is_empty(engine)
+
+
+def test_a_finished_requests_prefix_pages_are_revived_by_a_later_one():
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=2, page_size=4, num_blocks=16)
+    system = prompts([8])[0]
+    engine.submit(system + [1], 3, temperature=0)
+    engine.run()
+    assert_pool_is_empty(engine)  # every page free again ...
+    rid = engine.submit(system + [2], 3, temperature=0)
+    engine.step()
+    assert engine.prefix_hits == 2  # ... yet its 2 full pages still held the prefix
+    assert engine.run()[rid] == alone(model, system + [2], 3)
+
+
+def test_a_hash_collision_is_not_a_hit():
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=2, page_size=4, num_blocks=16)
+    engine.submit([1, 2, 3, 4, 5], 2, temperature=0)
+    engine.run()
+    page = next(iter(engine.pool.tokens_of))
+    engine.pool.tokens_of[page] = (9, 9, 9, 9)  # as if another prefix had hashed to its key
+    engine.submit([1, 2, 3, 4, 6], 2, temperature=0)
+    engine.step()
+    assert engine.prefix_hits == 0
+
+
+def test_preemption_under_a_small_pool_still_gives_the_right_outputs():
+    model = tiny_gpt()
+    # 4 requests of up to 30 tokens need up to 8 pages each: 10 pages cannot hold them all
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=10)
+    ps = prompts([6, 9, 4, 7], seed=3)
+    rids = [engine.submit(p, 20, temperature=0) for p in ps]
+    results = engine.run()
+    assert engine.preemptions > 0
+    for rid, p in zip(rids, ps):
+        assert results[rid] == alone(model, p, 20)
+    assert_pool_is_empty(engine)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_within_the_step_budget():
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=2, page_size=4, num_blocks=32, max_step_tokens=8)
+    p = prompts([30])[0]
+    rid = engine.submit(p, 5, temperature=0)
+    steps = 0
+    while not engine.step():
+        steps += 1
+    assert steps == 3  # 8 + 8 + 8 tokens without output, then the last 6 and a token
+    assert engine.run()[rid] == alone(model, p, 5)
+
+
+# --- stopping -------------------------------------------------------------------------------
+
+
+def test_stop_strings_end_a_request_before_the_string():
+    tokenizer = CharTokenizer(TEXT)
+    model = tiny_gpt()
+    p = tokenizer.encode("hello")
+    full = tokenizer.decode(alone(model, p, 20))
+    stop = full[5:7]  # two characters the greedy output will produce
+    engine = Engine(model, max_batch_size=2, page_size=4, num_blocks=16, tokenizer=tokenizer)
+    rid = engine.submit(p, 20, temperature=0, stop=[stop])
+    ids = engine.run()[rid]
+    request = engine.request(rid)
+    assert request.finish_reason == "stop" and stop not in tokenizer.decode(ids)
+    assert tokenizer.decode(ids) == request.text == full[:full.index(stop)]
+
+
+def test_the_end_of_turn_token_of_a_chat_tokenizer_ends_a_request():
+    chat = ChatTokenizer(CharTokenizer(TEXT))
+    model = tiny_gpt(vocab_size=chat.vocab_size)
+    p = chat.encode("hi")
+    greedy = alone(model, p, 30)
+    end = greedy[4]  # pretend the token the model writes 5th ends the turn
+    chat.ids["<|end|>"] = end
+    engine = Engine(model, max_batch_size=2, page_size=4, num_blocks=16, tokenizer=chat)
+    rid = engine.submit(p, 30, temperature=0)
+    assert engine.run()[rid] == greedy[:greedy.index(end) + 1]
+    assert engine.request(rid).finish_reason == "stop"
+
+
+def test_a_cancelled_request_stops_and_gives_its_pages_back():
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=2, page_size=4, num_blocks=16)
+    rid = engine.submit(prompts([9])[0], 40, temperature=0)
+    other = engine.submit(prompts([4])[0], 5, temperature=0)
+    for _ in range(3):
+        engine.step()
+    engine.cancel(rid)
+    engine.step()
+    assert engine.request(rid).finish_reason == "cancelled" and engine.request(rid).pages == []
+    engine.run()
+    assert engine.request(other).finish_reason == "length"
+    assert_pool_is_empty(engine)
+
+
+def test_timings_are_in_order():
+    engine = Engine(tiny_gpt(), max_batch_size=2, page_size=4, num_blocks=16)
+    rid = engine.submit([1, 2, 3], 4, temperature=0)
+    engine.run()
+    r = engine.request(rid)
+    assert r.queued <= r.first_token <= r.finished
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(prompt_ids=[], max_new_tokens=3), "empty"),
+    (dict(prompt_ids=[1] * 60, max_new_tokens=5), "longer than the model's context of 64"),
+    (dict(prompt_ids=[1], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt_ids=[99], max_new_tokens=2), "token ids"),
+    (dict(prompt_ids=[1], max_new_tokens=2, temperature=-1), "temperature"),
+    (dict(prompt_ids=[1], max_new_tokens=2, top_p=1.5), "top_p"),
+    (dict(prompt_ids=[1], max_new_tokens=2, stop=["x"]), "tokenizer"),
+])
+def test_requests_the_engine_cannot_serve_are_refused_with_one_line(kwargs, message):
+    engine = Engine(tiny_gpt(), max_batch_size=2, page_size=4, num_blocks=16)
+    with pytest.raises(RequestError, match=message) as error:
+        engine.submit(**kwargs)
+    assert "\n" not in str(error.value)
+    assert not engine.has_work()
+
+
+def test_a_request_larger_than_the_whole_pool_is_refused():
+    engine = Engine(tiny_gpt(), max_batch_size=2, page_size=4, num_blocks=3)
+    with pytest.raises(RequestError, match="pages"):
+        engine.submit([1] * 10, 5)
+
+
+def test_bad_engine_settings_are_value_errors():
+    with pytest.raises(ValueError, match="page_size"):
+        Engine(tiny_gpt(), max_batch_size=2, page_size=0, num_blocks=4)
+    with pytest.raises(ValueError, match="max_step_tokens"):
+        Engine(tiny_gpt(), max_batch_size=8, page_size=4, num_blocks=4, max_step_tokens=4)
