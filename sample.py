@@ -7,6 +7,7 @@
     python sample.py --out-dir out --attention-map attn.png --layer 0    # needs matplotlib
     python sample.py --init-from gpt2 --prompt "Hello, I'm a language model,"   # GPT-2's weights
     python sample.py --init-from gpt2 --draft-init-from distilgpt2 --temperature 0 --verbose
+    python sample.py --out-dir out --prompts prompts.txt --max-new-tokens 40 --verbose  # many, batched
 
 Errors (a missing or corrupt checkpoint, a character the vocabulary lacks, a bad flag)
 are one line on stderr and exit code 2; --debug shows the traceback.
@@ -15,6 +16,7 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -55,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-map", default=None, metavar="PNG", help="plot one layer's attention heads")
     p.add_argument("--layer", type=int, default=0, help="the layer for --attention-map")
     p.add_argument("--ops", choices=list(TIERS), default=DEFAULT_TIER, help="which tier of the ops runs")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="many prompts, one per line (or JSONL: a string or {\"prompt\": ...} per line), run "
+                        "through the serving engine as one workload (model/serving.py)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="with --prompts: sequences decoded together")
     p.add_argument("--chat", action="store_true",
                    help="talk to a chat checkpoint (from --stage sft or dpo): a line in, an answer out; EOF ends")
     p.add_argument("--verbose", action="store_true", help="prefill / decode tokens/s on stderr")
@@ -70,6 +76,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.prompts and (args.chat or args.draft_out_dir or args.draft_init_from or args.attention_map or args.no_cache):
+        raise UserError("--prompts runs the serving engine: it does not combine with --chat, a draft model, "
+                        "--attention-map or --no-cache")
+    if args.max_batch_size < 1:
+        raise UserError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
     if args.num_draft < 1:
         raise UserError(f"--num-draft must be >= 1, got {args.num_draft}")
     if args.attention_map:
@@ -109,6 +120,8 @@ def run(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.out_dir, args.init_from)
     if args.chat:
         return chat(model, tokenizer, args)
+    if args.prompts:
+        return run_prompts(model, tokenizer, args)
     n_layer = model.config.n_layer
     if args.attention_map and not -n_layer <= args.layer < n_layer:
         raise UserError(f"--layer must be in 0..{n_layer - 1} (or negative, from the end), got {args.layer}")
@@ -197,6 +210,71 @@ def chat(model, tokenizer, args: argparse.Namespace) -> None:
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": tokenizer.decode(answer)})
         n += 1
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a file: one per line, or JSONL (a JSON string or {"prompt": ...} per line)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prompts file {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not JSON: {e.msg}") from None
+            item = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(item, str):
+                raise UserError(f'{path}:{number}: expected a string or an object with a "prompt" string')
+            line = item
+        prompts.append(line)
+    if not prompts:
+        raise UserError(f"{path} holds no prompts")
+    return prompts
+
+
+def run_prompts(model, tokenizer, args: argparse.Namespace) -> None:
+    """Every prompt of --prompts (x --num-samples) through one Engine, as one workload:
+    continuous batching over a paged, prefix-shared KV cache. Prints each prompt and its
+    completion in file order; --verbose adds throughput, latency and the prefix hit rate."""
+    from model.serving import Engine, RequestError
+    prompts = read_prompts(args.prompts)
+    page_size = 16
+    engine = Engine(model, args.max_batch_size, page_size, args.max_batch_size * -(-model.config.block_size // page_size),
+                    tokenizer=tokenizer, max_step_tokens=max(512, args.max_batch_size))
+    rids, texts = [], []
+    for number, text in enumerate(prompts, 1):
+        ids = tokenizer.encode(text)
+        for i in range(args.num_samples):
+            try:
+                rids.append(engine.submit(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                          top_p=args.top_p, seed=args.seed + len(rids), stop=args.stop))
+            except RequestError as e:
+                raise UserError(f"{args.prompts}, prompt {number}: {e}") from None
+            texts.append(text)
+    start = time.perf_counter()
+    engine.run()
+    end = time.perf_counter()
+    for i, (rid, text) in enumerate(zip(rids, texts)):
+        sys.stdout.write(text + engine.request(rid).text + (SEPARATOR if i + 1 < len(rids) else "\n"))
+    sys.stdout.flush()
+    if args.verbose:
+        requests = [engine.request(rid) for rid in rids]
+        new = sum(len(r.output) for r in requests)
+        ttft = sorted(1000 * (r.first_token - r.queued) for r in requests)
+        tpot = sorted(1000 * (r.finished - r.first_token) / (len(r.output) - 1) for r in requests if len(r.output) > 1)
+        prompt_tokens = sum(len(r.prompt) for r in requests)
+
+        def pct(values, q):
+            return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+        print(f"{len(requests)} requests, {new} tokens in {end - start:.2f} s: {new / (end - start):,.0f} tokens/s; "
+              f"time to first token p50 {pct(ttft, 50):.0f} ms, p99 {pct(ttft, 99):.0f} ms; per token p50 "
+              f"{pct(tpot, 50):.1f} ms, p99 {pct(tpot, 99):.1f} ms; prefix cache: {engine.prefix_hit_tokens} of "
+              f"{prompt_tokens} prompt tokens ({engine.prefix_hit_tokens / prompt_tokens:.0%})", file=sys.stderr)
 
 
 def report_speed(n_prompt: int, n_new: int, start: float, first: float | None, end: float, stats) -> None:

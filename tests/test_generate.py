@@ -428,3 +428,41 @@ def test_sample_py_attention_map(checkpoint, tmp_path):
                         "--attention-map", str(png), "--layer", "0")
     assert result.returncode == 0, result.stderr
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sample_py_prompts_runs_a_file_through_the_engine_as_generate_would(checkpoint, tmp_path, capsys):
+    import sample
+    from sample import SEPARATOR
+    (tmp_path / "prompts.txt").write_text("the cat\n\nthe dog ran\nthe\n")
+    (tmp_path / "prompts.jsonl").write_text('"the cat"\n{"prompt": "the dog ran"}\n"the"\n')
+    outputs = []
+    for name in ("prompts.txt", "prompts.jsonl"):
+        assert sample.main(["--out-dir", str(checkpoint), "--prompts", str(tmp_path / name), "--max-new-tokens", "5",
+                            "--temperature", "0", "--max-batch-size", "2", "--verbose"]) == 0
+        captured = capsys.readouterr()
+        outputs.append(captured.out)
+        assert "3 requests, 15 tokens" in captured.err and "time to first token p50" in captured.err
+        assert "prefix cache:" in captured.err
+    assert outputs[0] == outputs[1]  # the text and the JSONL file hold the same prompts
+    completions = outputs[0].split(SEPARATOR)
+    for prompt, completion in zip(("the cat", "the dog ran", "the"), completions):
+        assert sample.main(["--out-dir", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "5",
+                            "--temperature", "0"]) == 0
+        assert capsys.readouterr().out.strip("\n") == completion.strip("\n")  # greedy: generate()'s tokens
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    ("", [], "holds no prompts"),
+    ('{"text": 1}\n', [], 'expected a string or an object with a "prompt" string'),
+    ("{oops\n", [], "not JSON"),
+    ("the\n", ["--chat"], "does not combine"),
+    ("the\n", ["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    ("the\nthe dog ran\n", ["--max-new-tokens", "10"], "prompt 2: the prompt (11 tokens) plus max_new_tokens (10)"),
+])
+def test_sample_py_prompts_errors_are_one_line(checkpoint, tmp_path, capsys, content, flags, message):
+    import sample
+    path = tmp_path / ("p.jsonl" if content.startswith("{") else "p.txt")
+    path.write_text(content)
+    assert sample.main(["--out-dir", str(checkpoint), "--prompts", str(path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
