@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from .backend import device_of, rand, xp_of
-from .cpu import num_threads, parallel_rows, row_blocks
+from .cpu import PARALLEL_MIN_SIZE, num_threads, parallel_rows, row_blocks
 from .ops import causal_mask
 from .tensor import Function
 
@@ -224,6 +224,10 @@ class FastMultiCoreAttention(Function):
 
     def _attend(self, q, k, v, out, causal: bool, dropout_p: float, decoding: bool) -> None:
         B, H = q.shape[0], q.shape[1]
+        if decoding and q.size < PARALLEL_MIN_SIZE:  # a decoded token's few queries: one call, no pool
+            self.blocks, self.saved = None, None
+            decode_forward(q, k, v, out)
+            return
 
         def block(q, k, v, out):
             q, k, v, out = self._unsplit(q, k, v, out)
