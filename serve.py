@@ -1,0 +1,442 @@
+"""Serve a checkpoint over HTTP in the OpenAI API's format: completions, chat, streaming.
+
+    python serve.py --out-dir out-shakespeare-char-cpu --port 8000
+    python serve.py --init-from gpt2 --port 8000          # GPT-2's weights
+    curl -s localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 40}'
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions (a checkpoint fine-tuned with
+a chat template: train.py --stage sft), GET /v1/models. "stream": true sends server-sent
+events. Any OpenAI client works: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
+
+One engine thread runs model/serving.py's Engine: requests from all connections join its
+running batch between steps (continuous batching). Each connection has its own thread
+(the standard library's ThreadingHTTPServer), which hands its request to the engine
+thread and waits for the tokens. A bad request gets a 4xx with an OpenAI-style error
+body; a client that disconnects cancels its request; Ctrl-C or SIGTERM stops cleanly.
+Binds 127.0.0.1 unless --host says otherwise.
+"""
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
+import json
+import queue
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from model.chat import ChatTokenizer, check_messages, render
+from model.cli import HelpFormatter, OneLineParser, UserError, report
+from model.serving import Engine, RequestError
+from tinygrad_lite import backend, cpu, ops_tier
+from tinygrad_lite.functional import DEFAULT_TIER, TIERS
+
+MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused (413)
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--out-dir", default="out-shakespeare-char-cpu", help="an out dir of train.py")
+    p.add_argument("--init-from", default=None, help="instead of --out-dir: an out dir, a GPT-2 folder or a hub name")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per page of the KV cache")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="pages in the KV cache (default: enough for max-batch-size full contexts)")
+    p.add_argument("--max-step-tokens", type=int, default=512,
+                   help="tokens one engine step computes at most: a long prompt is prefilled in chunks this "
+                        "size, so the streams already running keep their pace (Engine's default, 2048, "
+                        "favours throughput)")
+    p.add_argument("--model-name", default=None, help="the model id clients see (default: the out dir's name)")
+    p.add_argument("--device", default=None, help="cpu, cuda or strict (default: TINYGRAD_LITE_DEVICE or cpu)")
+    p.add_argument("--ops", choices=list(TIERS), default=DEFAULT_TIER, help="which tier of the ops runs")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p.parse_args(argv)
+
+
+# --- the engine thread ------------------------------------------------------------------------
+
+
+class EngineLoop(threading.Thread):
+    """Owns the Engine: takes submissions and cancellations from the connection threads,
+    steps the engine while it has work, and posts each request's progress to its queue."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(name="engine", daemon=True)
+        self.engine = engine
+        self.inbox: queue.Queue = queue.Queue()
+        self.outboxes: dict[int, queue.Queue] = {}
+        self.sent: dict[int, int] = {}  # characters of each request's text already posted
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def submit(self, prompt_ids: list[int], params: dict) -> tuple[int, queue.Queue]:
+        """Hand a request to the engine; (request id, its queue of updates). RequestError if refused."""
+        reply: queue.Queue = queue.Queue(maxsize=1)
+        self.inbox.put(("submit", (prompt_ids, params), reply))
+        result = reply.get()
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def cancel(self, request_id: int) -> None:
+        self.inbox.put(("cancel", request_id, None))
+
+    def run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                self._take_commands(wait=not self.engine.has_work())
+                if self.engine.has_work():
+                    for request_id, ids in self.engine.step().items():
+                        self._post(request_id, ids)
+        except BaseException as error:  # a bug: every waiting connection gets a 500
+            self.error = error
+            for outbox in self.outboxes.values():
+                outbox.put({"error": repr(error)})
+            raise
+
+    def _take_commands(self, wait: bool) -> None:
+        try:
+            command = self.inbox.get(timeout=0.05) if wait else self.inbox.get_nowait()
+            while True:
+                kind, payload, reply = command
+                if kind == "submit":
+                    prompt_ids, params = payload
+                    try:
+                        request_id = self.engine.submit(prompt_ids, **params)
+                    except RequestError as error:
+                        reply.put(error)
+                    else:
+                        self.outboxes[request_id], self.sent[request_id] = queue.Queue(), 0
+                        reply.put((request_id, self.outboxes[request_id]))
+                elif kind == "cancel":
+                    self.engine.cancel(payload)
+                command = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _post(self, request_id: int, ids: list[int]) -> None:
+        request = self.engine.request(request_id)
+        text, self.sent[request_id] = request.text[self.sent[request_id]:], len(request.text)
+        update = {"text": text, "ids": ids, "finish_reason": request.finish_reason}
+        if request.done:
+            update.update(prompt_tokens=len(request.prompt), completion_tokens=len(request.output))
+            del self.engine.requests[request_id], self.sent[request_id]  # the server forgets it
+            self.outboxes.pop(request_id).put(update)
+        else:
+            self.outboxes[request_id].put(update)
+
+
+# --- requests: reading and checking the OpenAI fields ----------------------------------------------
+
+
+class BadRequest(Exception):
+    """A 4xx: the message, the offending field (or None), the status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def _field(body: dict, name: str, kinds: tuple, default: Any = None, check=None, rule: str = "") -> Any:
+    """body[name] if it is one of `kinds` (bool is never a number) and passes `check`."""
+    if name not in body or body[name] is None:
+        return default
+    value = body[name]
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise BadRequest(f"'{name}' must be {names}, got {type(value).__name__}", name)
+    if check is not None and not check(value):
+        raise BadRequest(f"'{name}' must be {rule}, got {value!r}", name)
+    return value
+
+
+def sampling_params(body: dict, default_max_tokens: int) -> dict:
+    """The engine's submit() settings from the request's OpenAI fields."""
+    if _field(body, "n", (int,), 1) != 1:
+        raise BadRequest("only n = 1 is supported", "n")
+    top_p = _field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
+    stop = _field(body, "stop", (str, list), ())
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+        raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
+    return dict(
+        max_new_tokens=_field(body, "max_tokens", (int,), default_max_tokens, lambda v: v >= 1, ">= 1"),
+        temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: v >= 0, ">= 0")),
+        top_p=None if top_p == 1 else float(top_p),
+        top_k=_field(body, "top_k", (int,), None, lambda v: v >= 1, ">= 1"),
+        seed=_field(body, "seed", (int,), None),
+        stop=tuple(stop))
+
+
+class App:
+    """What the handlers share: the engine thread, the tokenizer, the model's name."""
+
+    def __init__(self, loop: EngineLoop, tokenizer: Any, model_name: str, block_size: int) -> None:
+        self.loop, self.tokenizer, self.model_name, self.block_size = loop, tokenizer, model_name, block_size
+        self.created = int(time.time())
+        self._ids = iter(range(1, 1 << 62))
+        self._lock = threading.Lock()
+
+    def next_id(self, prefix: str) -> str:
+        with self._lock:
+            return f"{prefix}-{next(self._ids)}"
+
+    def completion_prompt(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            try:
+                return self.tokenizer.encode(prompt)
+            except ValueError as error:  # e.g. a character outside a char vocabulary
+                raise BadRequest(" ".join(str(error).split()), "prompt") from None
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return prompt
+        raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
+
+    def chat_prompt(self, body: dict) -> list[int]:
+        if not isinstance(self.tokenizer, ChatTokenizer):
+            raise BadRequest(f"the model {self.model_name} has no chat template (fine-tune it with "
+                             "train.py --stage sft); use /v1/completions")
+        try:
+            messages = check_messages(body.get("messages"), "messages")
+            ids, _ = render(self.tokenizer, messages, add_generation_prompt=True)
+        except ValueError as error:
+            raise BadRequest(" ".join(str(error).split()), "messages") from None
+        return ids
+
+
+# --- the HTTP side -------------------------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive for plain responses; streams close the connection
+    server_version = "tinygrad_lite"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet: one line per request on stderr
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    @property
+    def app(self) -> App:
+        return self.server.app
+
+    # --- routes
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") == "/v1/models":
+            return self.send_json(200, {"object": "list", "data": [
+                {"id": self.app.model_name, "object": "model", "created": self.app.created, "owned_by": "tinygrad_lite"}]})
+        self.send_error_json(BadRequest(f"no route GET {self.path}", status=404))
+
+    def do_POST(self) -> None:
+        route = self.path.rstrip("/")
+        try:
+            if route not in ("/v1/completions", "/v1/chat/completions"):
+                raise BadRequest(f"no route POST {self.path}", status=404)
+            body = self.read_json()
+            chat = route.endswith("chat/completions")
+            prompt = self.app.chat_prompt(body) if chat else self.app.completion_prompt(body)
+            default_max = max(1, self.app.block_size - len(prompt)) if chat else 16  # as OpenAI's defaults
+            params = sampling_params(body, default_max)
+            stream = _field(body, "stream", (bool,), False)
+            try:
+                request_id, updates = self.app.loop.submit(prompt, params)
+            except RequestError as error:
+                raise BadRequest(" ".join(str(error).split()), "prompt") from None
+        except BadRequest as error:
+            return self.send_error_json(error)
+        answer = StreamAnswer if stream else WholeAnswer
+        answer(self, request_id, updates, chat, len(prompt)).run()
+
+    # --- reading and writing
+
+    def read_json(self) -> dict:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise BadRequest("the request needs a Content-Length header", status=411)
+        if int(length) > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body would be taken for the next request
+            raise BadRequest(f"the request body is over {MAX_BODY_BYTES} bytes", status=413)
+        raw = self.rfile.read(int(length))
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadRequest(f"the body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
+
+    def send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, error: BadRequest) -> None:
+        kind = "invalid_request_error" if error.status < 500 else "server_error"
+        self.send_json(error.status, {"error": {"message": str(error), "type": kind, "param": error.param,
+                                                "code": None}})
+
+    def client_gone(self) -> bool:
+        """True once the client has closed its end (readable, with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+
+class WholeAnswer:
+    """Wait for the whole answer, then send it as one JSON body."""
+
+    def __init__(self, handler: Handler, request_id: int, updates: queue.Queue, chat: bool, prompt_tokens: int) -> None:
+        self.handler, self.request_id, self.updates, self.chat = handler, request_id, updates, chat
+        self.app = handler.app
+
+    def next_update(self) -> dict | None:
+        """The engine's next update for this request; None if the client left (cancelled)."""
+        while True:
+            try:
+                return self.updates.get(timeout=0.1)
+            except queue.Empty:
+                if self.handler.client_gone():
+                    self.app.loop.cancel(self.request_id)
+                    return None
+
+    def run(self) -> None:
+        text = []
+        while True:
+            update = self.next_update()
+            if update is None:
+                return
+            if "error" in update:
+                return self.handler.send_error_json(BadRequest("the engine failed: " + update["error"], status=500))
+            text.append(update["text"])
+            if update["finish_reason"] is not None:
+                break
+        choice = {"index": 0, "finish_reason": update["finish_reason"], "logprobs": None}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": "".join(text)}
+        else:
+            choice["text"] = "".join(text)
+        usage = {"prompt_tokens": update["prompt_tokens"], "completion_tokens": update["completion_tokens"],
+                 "total_tokens": update["prompt_tokens"] + update["completion_tokens"]}
+        self.handler.send_json(200, {
+            "id": self.app.next_id("chatcmpl" if self.chat else "cmpl"),
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": int(time.time()), "model": self.app.model_name, "choices": [choice], "usage": usage})
+
+
+class StreamAnswer(WholeAnswer):
+    """Send each piece of text as it comes, as server-sent events, then `data: [DONE]`."""
+
+    def run(self) -> None:
+        h = self.handler
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Cache-Control", "no-cache")
+        h.send_header("Connection", "close")  # the end of the stream is the end of the connection
+        h.end_headers()
+        h.close_connection = True
+        self.id, self.created = self.app.next_id("chatcmpl" if self.chat else "cmpl"), int(time.time())
+        try:
+            if self.chat:
+                self.send({"role": "assistant", "content": ""}, None)
+            while True:
+                update = self.next_update()
+                if update is None:
+                    return
+                if "error" in update:
+                    return self.send_event({"error": {"message": update["error"], "type": "server_error"}})
+                if update["text"] or update["finish_reason"] is None:
+                    self.send({"content": update["text"]} if self.chat else update["text"], None)
+                if update["finish_reason"] is not None:
+                    self.send({} if self.chat else "", update["finish_reason"])
+                    break
+            h.wfile.write(b"data: [DONE]\n\n")
+            h.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client left mid-stream
+            self.app.loop.cancel(self.request_id)
+
+    def send(self, piece: Any, finish_reason: str | None) -> None:
+        choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+        choice["delta" if self.chat else "text"] = piece
+        self.send_event({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                         "created": self.created, "model": self.app.model_name, "choices": [choice]})
+
+    def send_event(self, payload: dict) -> None:
+        self.handler.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        self.handler.wfile.flush()
+
+
+# --- putting it together -------------------------------------------------------------------------
+
+
+def make_server(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 0, model_name: str = "model",
+                max_batch_size: int = 16, page_size: int = 16, num_blocks: int | None = None,
+                max_step_tokens: int = 512, verbose: bool = False) -> ThreadingHTTPServer:
+    """A server (not yet serving) and its started engine thread (server.app.loop)."""
+    if num_blocks is None:  # every sequence of a full batch can reach the whole context
+        num_blocks = max_batch_size * -(-model.config.block_size // page_size)
+    engine = Engine(model, max_batch_size, page_size, num_blocks, tokenizer=tokenizer,
+                    max_step_tokens=max(max_step_tokens, max_batch_size))
+    loop = EngineLoop(engine)
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    server.app, server.verbose = App(loop, tokenizer, model_name, model.config.block_size), verbose
+    loop.start()
+    return server
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cpu.tune()
+        if args.device:
+            backend.set_default_device(args.device)
+        from sample import load_model  # one loader for both scripts: one-line errors for a bad checkpoint
+        with ops_tier(args.ops):
+            model, tokenizer = load_model(args.out_dir, args.init_from)
+            name = args.model_name or os.path.basename(os.path.normpath(args.init_from or args.out_dir))
+            try:
+                server = make_server(model, tokenizer, args.host, args.port, name, args.max_batch_size,
+                                     args.page_size, args.num_blocks, args.max_step_tokens)
+            except ValueError as error:
+                raise UserError(str(error)) from None
+            host, port = server.server_address[:2]
+            print(f"serving {name} on http://{host}:{port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            stop = threading.Event()
+
+            def on_signal(signum, frame):
+                stop.set()
+                threading.Thread(target=server.shutdown, daemon=True).start()
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+            server.serve_forever(poll_interval=0.1)
+            server.server_close()
+            server.app.loop.stopping.set()
+            server.app.loop.join(timeout=5)
+            print("stopped", file=sys.stderr, flush=True)
+        return 0
+    except OSError as error:
+        if isinstance(error, PermissionError) or getattr(error, "errno", None) in (98, 99, 13):  # address in use
+            return report(UserError(f"cannot listen on {args.host}:{args.port}: {error.strerror}"), args.debug)
+        return report(error, args.debug)
+    except Exception as error:
+        return report(error, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""serve.py: the OpenAI-compatible HTTP server. Concurrent and streamed completions from
+the official `openai` client and from plain urllib, chat completions, every bad request a
+4xx while the server stays up, a client that leaves mid-stream cancels its request, and
+SIGTERM stops the process cleanly. Servers bind 127.0.0.1 on a free port.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import serve
+import tinygrad_lite
+from model.chat import ChatTokenizer
+from model.generate import generate
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import CharTokenizer
+from tinygrad_lite import backend
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "abcdefghijklmnopqrstuvwxyz .,!?:\n"
+BLOCK = 64
+
+
+def tiny_model(tokenizer) -> GPT:
+    tinygrad_lite.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16))
+
+
+class Running:
+    """A server on a free port, serving from a thread, and the URL to reach it."""
+
+    def __init__(self, tokenizer, name: str) -> None:
+        self.tokenizer, self.model = tokenizer, tiny_model(tokenizer)
+        self.server = serve.make_server(self.model, tokenizer, port=0, model_name=name, max_batch_size=4, page_size=4)
+        self.url = "http://%s:%d" % self.server.server_address[:2]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def engine(self):
+        return self.server.app.loop.engine
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.server.app.loop.stopping.set()
+        self.server.app.loop.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def text_server():
+    server = Running(CharTokenizer(TEXT), "tiny-char")
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def chat_server():
+    server = Running(ChatTokenizer(CharTokenizer(TEXT)), "tiny-chat")
+    yield server
+    server.close()
+
+
+def post(url: str, body, path: str = "/v1/completions", raw: bytes | None = None) -> tuple[int, dict]:
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def greedy_text(server: Running, prompt: str, n: int) -> str:
+    ids = server.tokenizer.encode(prompt)
+    return server.tokenizer.decode(generate(server.model, [ids], n, temperature=0)[0])
+
+
+def needs_cpu():
+    if backend.default_device() != "cpu":
+        pytest.skip("the server tests run on the CPU device")
+
+
+# --- the official client ---------------------------------------------------------------------
+
+
+def test_the_openai_client_gets_concurrent_and_streamed_completions(text_server):
+    needs_cpu()
+    from openai import OpenAI
+    client = OpenAI(base_url=text_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    prompts = ["to be or", "the king", "a horse, a", "what light"]
+
+    def complete(prompt):
+        return client.completions.create(model="tiny-char", prompt=prompt, max_tokens=12, temperature=0)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(complete, prompts))
+    for prompt, answer in zip(prompts, answers):
+        assert answer.choices[0].text == greedy_text(text_server, prompt, 12)
+        assert answer.choices[0].finish_reason == "length"
+        assert answer.usage.prompt_tokens == len(prompt) and answer.usage.completion_tokens == 12
+        assert answer.object == "text_completion" and answer.model == "tiny-char"
+    pieces = [chunk.choices[0].text for chunk in
+              client.completions.create(model="tiny-char", prompt="to be or", max_tokens=12, temperature=0, stream=True)]
+    assert len(pieces) >= 12 and "".join(pieces) == greedy_text(text_server, "to be or", 12)
+    assert [m.id for m in client.models.list().data] == ["tiny-char"]
+
+
+def test_the_openai_client_chats_with_a_chat_checkpoint(chat_server):
+    needs_cpu()
+    from openai import OpenAI
+    client = OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    messages = [{"role": "user", "content": "shout: hi"}]
+    answer = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=8, temperature=0)
+    from model.chat import render
+    ids, _ = render(chat_server.tokenizer, messages, add_generation_prompt=True)
+    expected = generate(chat_server.model, [ids], 8, temperature=0)[0]
+    end = chat_server.tokenizer.end_of_turn
+    expected_text = chat_server.tokenizer.decode(expected[:expected.index(end)] if end in expected else expected)
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.choices[0].message.content == expected_text
+    streamed = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=8, temperature=0,
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected_text
+
+
+# --- plain urllib ------------------------------------------------------------------------------
+
+
+def test_urllib_gets_concurrent_completions_and_a_stream(text_server):
+    needs_cpu()
+    prompts = ["to be or", "the king", "what light"]
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda p: post(text_server.url, {"prompt": p, "max_tokens": 10, "temperature": 0}),
+                                prompts))
+    for prompt, (status, body) in zip(prompts, answers):
+        assert status == 200 and body["choices"][0]["text"] == greedy_text(text_server, prompt, 10)
+    request = urllib.request.Request(text_server.url + "/v1/completions", data=json.dumps(
+        {"prompt": "the king", "max_tokens": 10, "temperature": 0, "stream": True}).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == greedy_text(text_server, "the king", 10)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_completion_stops_at_a_stop_string(text_server):
+    needs_cpu()
+    full = greedy_text(text_server, "to be or", 20)
+    stop = full[6:8]
+    status, body = post(text_server.url, {"prompt": "to be or", "max_tokens": 20, "temperature": 0, "stop": stop})
+    assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["text"] == full[:full.index(stop)]
+
+
+# --- bad requests: a 4xx each, and the server goes on ------------------------------------------
+
+
+@pytest.mark.parametrize("body,raw,status,param", [
+    (None, b"{not json", 400, None),
+    (None, b"[1, 2]", 400, None),
+    ({"prompt": "to be", "max_tokens": "ten"}, None, 400, "max_tokens"),
+    ({"prompt": 7}, None, 400, "prompt"),
+    ({"prompt": "to be", "max_tokens": 0}, None, 400, "max_tokens"),
+    ({"prompt": "to be", "max_tokens": 200}, None, 400, "prompt"),  # prompt + max_tokens > the context
+    ({"prompt": "to be", "temperature": -0.5}, None, 400, "temperature"),
+    ({"prompt": "to be", "top_p": 0}, None, 400, "top_p"),
+    ({"prompt": "to be", "top_p": 1.5}, None, 400, "top_p"),
+    ({"prompt": "a" * 100, "max_tokens": 1}, None, 400, "prompt"),  # longer than the model takes
+    ({"prompt": "TO BE"}, None, 400, "prompt"),  # characters the vocabulary lacks
+    ({"prompt": "to be", "stream": "yes"}, None, 400, "stream"),
+    ({"prompt": "to be", "n": 2}, None, 400, "n"),
+    ({"prompt": "to be", "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop"),
+])
+def test_each_bad_request_gets_its_4xx_and_the_server_stays_up(text_server, body, raw, status, param):
+    needs_cpu()
+    got, error = post(text_server.url, body, raw=raw)
+    assert got == status and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["param"] == param and error["error"]["message"]
+    ok, answer = post(text_server.url, {"prompt": "to be", "max_tokens": 3, "temperature": 0})
+    assert ok == 200 and len(answer["choices"][0]["text"]) == 3
+
+
+def test_a_body_over_the_limit_is_413_and_unknown_routes_404(text_server, monkeypatch):
+    needs_cpu()
+    monkeypatch.setattr(serve, "MAX_BODY_BYTES", 100)
+    status, error = post(text_server.url, {"prompt": "to be " * 40})
+    assert status == 413 and "over 100 bytes" in error["error"]["message"]
+    assert post(text_server.url, {"prompt": "x"}, path="/v1/nothing")[0] == 404
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(text_server.url + "/v2/models", timeout=10)
+    assert missing.value.code == 404
+    assert post(text_server.url, {"prompt": "to be", "max_tokens": 2})[0] == 200
+
+
+def test_chat_on_a_model_without_a_chat_template_is_a_400(text_server):
+    needs_cpu()
+    status, error = post(text_server.url, {"messages": [{"role": "user", "content": "hi"}]}, path="/v1/chat/completions")
+    assert status == 400 and "no chat template" in error["error"]["message"]
+
+
+def test_bad_chat_messages_are_a_400(chat_server):
+    needs_cpu()
+    status, error = post(chat_server.url, {"messages": [{"role": "wizard", "content": "hi"}]},
+                         path="/v1/chat/completions")
+    assert status == 400 and error["error"]["param"] == "messages"
+
+
+# --- a client that leaves ------------------------------------------------------------------------
+
+
+def test_a_client_that_disconnects_mid_stream_cancels_its_request(text_server):
+    needs_cpu()
+    engine = text_server.engine
+    host, port = text_server.server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    body = json.dumps({"prompt": "to be", "max_tokens": 55, "stream": True, "temperature": 1.0})
+    connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.readline().startswith(b"data: ")  # the stream has begun ...
+    connection.close()  # ... and the client leaves
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (engine.has_work() or engine.free_blocks != engine.num_blocks):
+        time.sleep(0.05)
+    assert not engine.has_work() and engine.free_blocks == engine.num_blocks
+    assert engine.requests == {}  # finished (cancelled) and forgotten
+
+
+# --- the script ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "data.txt").write_text("to be or not to be, that is the question.\n" * 60)
+    result = subprocess.run([sys.executable, "train.py", "--data", str(tmp / "data.txt"), "--out-dir", str(tmp / "out"),
+                             "--max-iters", "2", "--eval-iters", "1", "--eval-interval", "2", "--batch-size", "2",
+                             "--block-size", "32", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
+                             "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TINYGRAD_LITE_DEVICE": "cpu"})
+    assert result.returncode == 0, result.stderr
+    return tmp / "out"
+
+
+def test_serve_py_answers_and_stops_cleanly_on_sigterm(checkpoint):
+    needs_cpu()
+    process = subprocess.Popen([sys.executable, "serve.py", "--out-dir", str(checkpoint), "--port", "0"],
+                               cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TINYGRAD_LITE_DEVICE": "cpu"})
+    try:
+        line = process.stderr.readline()
+        assert line.startswith("serving out on http://127.0.0.1:"), line
+        url = line.split()[3].removesuffix("/v1")
+        status, body = post(url, {"prompt": "to be", "max_tokens": 5})
+        assert status == 200 and len(body["choices"][0]["text"]) == 5
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert "stopped" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_serve_py_with_a_missing_checkpoint_is_one_line(tmp_path):
+    needs_cpu()
+    result = subprocess.run([sys.executable, "serve.py", "--out-dir", str(tmp_path / "nothing"), "--port", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
