@@ -22,6 +22,7 @@ EXPECTED = {
     "embeddings": {"neighbours", "analogies", "trained", "untrained", "pca_variance_share", "wall_s"},
     "lost_in_the_middle": {"depth", "accuracy_by_depth", "curves", "chance", "mean_accuracy", "wall_s"},
     "post_training": {"table", "examples", "settings", "held_out_prompts", "dpo_final_eval", "wall_s"},
+    "batching": {"same_work", "batch_sweep", "arrivals", "prefix_sharing", "summary", "wall_s"},
 }
 
 
@@ -71,6 +72,14 @@ def test_json_contents_are_sane(out):
     for row in post.values():
         assert all(0 <= row[k] <= 1 for k in ("task_accuracy", "stop_rate", "preferred_rate")) and row["kl_to_sft"] >= 0
     assert post["sft"]["kl_to_sft"] == pytest.approx(0, abs=1e-9)  # the SFT model against itself
+    batching = json.loads((out / "batching.json").read_text())
+    assert batching["same_work"]["same_tokens"] and batching["prefix_sharing"]["same_tokens"]
+    assert [r["max_batch_size"] for r in batching["batch_sweep"]] == batching["settings"]["batch_sizes"]
+    sharing = batching["prefix_sharing"]
+    # every request after the first skips the system prompt's full pages
+    pages = sharing["system_tokens"] // batching["page_size"]
+    assert sharing["with_prefix_cache"]["prefix_hit_tokens"] == (sharing["requests"] - 1) * pages * batching["page_size"]
+    assert 0 < sharing["prefill_saved_share"] < 1
 
 
 def test_missing_matplotlib_is_one_line(tmp_path):

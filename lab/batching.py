@@ -1,0 +1,259 @@
+"""Serving many users, measured: batch size against throughput and latency, Poisson
+arrivals, and what a shared prefix saves (model/serving.py's Engine).
+
+    python lab/batching.py            # ~1 minute on 2 CPU cores
+    python lab/batching.py --quick    # seconds: tiny settings, for the tests
+
+The model is bench/decode_speed.py's: random weights (speed does not depend on them),
+4 layers x 128 wide, a context of 1024 tokens, so it holds a 200-token system prompt.
+1. Same work, engine against generate(): 8 prompts of one length, generate() as one
+   batch and the engine with max_batch_size 8, alternating repeats (the ratio of their
+   tokens/s, median of the repeats).
+2. The batch-size trade-off: N requests all waiting at time 0, max_batch_size 1 .. 32.
+   Throughput (generated tokens / wall time) rises with the batch; so does each
+   request's time per output token (TPOT), and the time to first token (TTFT) of the
+   requests that queue behind a small batch.
+3. Arrivals: requests arrive as a Poisson process at several rates (requests/s); the
+   engine admits them as they come (continuous batching). Latency p50/p99 by rate.
+4. Prefix sharing: N requests sharing one 200-token system prompt, each with its own
+   question, with and without the prefix cache: prompt tokens computed, wall time, TTFT.
+Writes lab/results/batching.json and .png.
+"""
+from __future__ import annotations
+
+import os
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `python lab/batching.py`
+from lab.common import lab_parser, log, require_matplotlib, write_results  # noqa: E402
+import tinygrad_lite  # noqa: E402
+from tinygrad_lite import cpu  # noqa: E402
+from model.generate import generate  # noqa: E402
+from model.gpt import GPT, GPTConfig  # noqa: E402
+from model.serving import Engine  # noqa: E402
+
+MODEL = dict(vocab_size=65, block_size=1024, n_layer=4, n_head=4, n_embd=128)
+FULL = dict(same_work_prompt=64, same_work_new=64, same_work_repeats=9, n=32, prompt=(32, 96), new=48,
+            batch_sizes=[1, 2, 4, 8, 16, 32], rates=[5.0, 20.0, 50.0, 100.0, 200.0], arrivals_n=64, arrivals_batch=16,
+            shared_n=16, system=200, question=(10, 30), shared_new=24)
+QUICK = dict(same_work_prompt=16, same_work_new=8, same_work_repeats=2, n=6, prompt=(8, 16), new=6,
+             batch_sizes=[1, 2, 6], rates=[20.0, 80.0], arrivals_n=6, arrivals_batch=4,
+             shared_n=4, system=40, question=(4, 8), shared_new=4)
+PAGE_SIZE = 16
+
+
+def make_engine(model: GPT, max_batch_size: int, prefix_caching: bool = True, share: float = 0.25) -> Engine:
+    """An engine whose pool holds `share` of max_batch_size full contexts (generate() holds them all)."""
+    pages = int(max_batch_size * -(-model.config.block_size // PAGE_SIZE) * share)
+    return Engine(model, max_batch_size, PAGE_SIZE, max(pages, 64), prefix_caching=prefix_caching)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def latency_summary(engine: Engine, rids: list[int], start: float, end: float) -> dict:
+    """Throughput and TTFT / TPOT percentiles (ms) of finished requests."""
+    ttft, tpot, tokens = [], [], 0
+    for rid in rids:
+        r = engine.request(rid)
+        tokens += len(r.output)
+        ttft.append(1000 * (r.first_token - r.queued))
+        if len(r.output) > 1:
+            tpot.append(1000 * (r.finished - r.first_token) / (len(r.output) - 1))
+    return {"tokens_per_s": tokens / (end - start), "wall_s": end - start, "generated_tokens": tokens,
+            "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+            "tpot_ms_p50": percentile(tpot, 50), "tpot_ms_p99": percentile(tpot, 99),
+            "preemptions": engine.preemptions}
+
+
+def random_prompts(rng, n: int, lengths: tuple[int, int]) -> list[list[int]]:
+    return [rng.integers(0, MODEL["vocab_size"], int(rng.integers(*lengths))).tolist() for _ in range(n)]
+
+
+# --- 1. the same work: engine vs generate() ------------------------------------------------
+
+
+def same_work(model: GPT, s: dict, rng) -> dict:
+    prompts = rng.integers(0, MODEL["vocab_size"], (8, s["same_work_prompt"])).tolist()
+    n_new, tokens = s["same_work_new"], 8 * s["same_work_new"]
+    times = {"generate": [], "engine": []}
+    outputs = {}
+    for r in range(s["same_work_repeats"]):
+        for who in (("generate", "engine") if r % 2 == 0 else ("engine", "generate")):
+            start = time.perf_counter()
+            if who == "generate":
+                outputs[who] = generate(model, prompts, n_new, temperature=0)
+            else:
+                engine = make_engine(model, 8, share=1.0)  # the memory of generate()'s cache: no preemption
+                rids = [engine.submit(p, n_new, temperature=0) for p in prompts]
+                results = engine.run()
+                outputs[who] = [results[rid] for rid in rids]
+            times[who].append(time.perf_counter() - start)
+    med = {who: statistics.median(t) for who, t in times.items()}
+    out = {"prompt_tokens": s["same_work_prompt"], "new_tokens": n_new, "batch": 8, "repeats": s["same_work_repeats"],
+           "generate_tokens_per_s": tokens / med["generate"], "engine_tokens_per_s": tokens / med["engine"],
+           "generate_s": times["generate"], "engine_s": times["engine"],
+           "engine_vs_generate": med["generate"] / med["engine"],
+           "same_tokens": outputs["generate"] == outputs["engine"]}
+    log(f"same work (8 x {s['same_work_prompt']} prompt, {n_new} new): generate {out['generate_tokens_per_s']:.0f} "
+        f"tok/s, engine {out['engine_tokens_per_s']:.0f} tok/s, ratio {out['engine_vs_generate']:.2f}, "
+        f"same tokens: {out['same_tokens']}")
+    return out
+
+
+# --- 2. the batch-size trade-off ----------------------------------------------------------------
+
+
+def batch_sweep(model: GPT, s: dict, rng) -> list[dict]:
+    prompts = random_prompts(rng, s["n"], s["prompt"])
+    rows = []
+    for batch in s["batch_sizes"]:
+        engine = make_engine(model, batch)
+        start = time.perf_counter()
+        rids = [engine.submit(p, s["new"], temperature=0) for p in prompts]
+        engine.run()
+        row = {"max_batch_size": batch, **latency_summary(engine, rids, start, time.perf_counter())}
+        rows.append(row)
+        log(f"batch {batch:>2}: {row['tokens_per_s']:7.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:7.0f} ms "
+            f"p99 {row['ttft_ms_p99']:7.0f}, TPOT p50 {row['tpot_ms_p50']:6.1f} ms p99 {row['tpot_ms_p99']:6.1f}")
+    return rows
+
+
+# --- 3. Poisson arrivals -------------------------------------------------------------------------
+
+
+def drive(engine: Engine, arrivals: list[tuple[float, list[int]]], n_new: int) -> tuple[list[int], float, float]:
+    """Submit each prompt when its arrival time has come, stepping the engine meanwhile."""
+    rids, pending = [], list(arrivals)
+    start = time.perf_counter()
+    while pending or engine.has_work():
+        now = time.perf_counter() - start
+        while pending and pending[0][0] <= now:
+            rids.append(engine.submit(pending.pop(0)[1], n_new, temperature=0))
+        if engine.has_work():
+            engine.step()
+        elif pending:
+            time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - start)))
+    return rids, start, time.perf_counter()
+
+
+def poisson_arrivals(model: GPT, s: dict, rng) -> list[dict]:
+    rows = []
+    for rate in s["rates"]:
+        gaps = rng.exponential(1.0 / rate, s["arrivals_n"])
+        arrivals = list(zip(np.cumsum(gaps) - gaps[0], random_prompts(rng, s["arrivals_n"], s["prompt"])))
+        engine = make_engine(model, s["arrivals_batch"])
+        rids, start, end = drive(engine, arrivals, s["new"])
+        row = {"rate_per_s": rate, "max_batch_size": s["arrivals_batch"], **latency_summary(engine, rids, start, end)}
+        rows.append(row)
+        log(f"{rate:5.1f} req/s: {row['tokens_per_s']:7.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:7.0f} ms "
+            f"p99 {row['ttft_ms_p99']:7.0f}, TPOT p50 {row['tpot_ms_p50']:6.1f} ms p99 {row['tpot_ms_p99']:6.1f}")
+    return rows
+
+
+# --- 4. prefix sharing ---------------------------------------------------------------------------------
+
+
+def prefix_sharing(model: GPT, s: dict, rng) -> dict:
+    system = rng.integers(0, MODEL["vocab_size"], s["system"]).tolist()
+    prompts = [system + q for q in random_prompts(rng, s["shared_n"], s["question"])]
+    out = {"requests": s["shared_n"], "system_tokens": s["system"],
+           "prompt_tokens": sum(len(p) for p in prompts)}
+    results = {}
+    for caching in (False, True):
+        engine = make_engine(model, 8, prefix_caching=caching)
+        start = time.perf_counter()
+        rids = [engine.submit(p, s["shared_new"], temperature=0) for p in prompts]
+        results[caching] = engine.run()
+        row = latency_summary(engine, rids, start, time.perf_counter())
+        row.update(computed_tokens=engine.computed_tokens, prefix_hit_tokens=engine.prefix_hit_tokens,
+                   prefill_tokens=engine.computed_tokens - sum(len(engine.request(r).output) - 1 for r in rids))
+        out["with_prefix_cache" if caching else "without_prefix_cache"] = row
+        log(f"prefix cache {'on ' if caching else 'off'}: {row['prefill_tokens']} prompt tokens computed "
+            f"(of {out['prompt_tokens']}), {row['wall_s']:.2f} s, TTFT p50 {row['ttft_ms_p50']:.0f} ms")
+    on, off = out["with_prefix_cache"], out["without_prefix_cache"]
+    out["prefill_saved_share"] = 1 - on["prefill_tokens"] / off["prefill_tokens"]
+    out["speedup"] = off["wall_s"] / on["wall_s"]
+    out["same_tokens"] = list(results[True].values()) == list(results[False].values())
+    return out
+
+
+# --- the plot ----------------------------------------------------------------------------------------
+
+
+def plot(results: dict):
+    plt = require_matplotlib()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    sweep = results["batch_sweep"]
+    b = [r["max_batch_size"] for r in sweep]
+    ax = axes[0]
+    ax.plot(b, [r["tokens_per_s"] for r in sweep], "o-", color="C0")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("max batch size")
+    ax.set_ylabel("throughput (generated tokens/s)", color="C0")
+    twin = ax.twinx()
+    twin.plot(b, [r["tpot_ms_p50"] for r in sweep], "s--", color="C1", label="TPOT p50")
+    twin.plot(b, [r["ttft_ms_p50"] / 10 for r in sweep], "^:", color="C2", label="TTFT p50 / 10")
+    twin.set_ylabel("latency (ms)")
+    twin.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{results['settings']['n']} requests at once")
+    ax = axes[1]
+    arrivals = results["arrivals"]
+    rates = [r["rate_per_s"] for r in arrivals]
+    for key, style, label in (("ttft_ms_p50", "o-", "TTFT p50"), ("ttft_ms_p99", "o--", "TTFT p99"),
+                              ("tpot_ms_p50", "s-", "TPOT p50"), ("tpot_ms_p99", "s--", "TPOT p99")):
+        ax.plot(rates, [r[key] for r in arrivals], style, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arrival rate (requests/s, Poisson)")
+    ax.set_ylabel("ms")
+    ax.legend(fontsize=8)
+    ax.set_title(f"continuous batching, max batch {results['settings']['arrivals_batch']}")
+    ax = axes[2]
+    p = results["prefix_sharing"]
+    labels = ["without", "with"]
+    rows = [p["without_prefix_cache"], p["with_prefix_cache"]]
+    ax.bar([0, 1], [r["prefill_tokens"] for r in rows], color=["C3", "C0"])
+    ax.set_xticks([0, 1], [f"{label} prefix cache\n{r['wall_s']:.2f} s" for label, r in zip(labels, rows)])
+    ax.set_ylabel("prompt tokens computed")
+    ax.set_title(f"{p['requests']} requests sharing a {p['system_tokens']}-token system prompt")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> int:
+    args = lab_parser(__doc__).parse_args(argv)
+    cpu.tune()
+    settings = QUICK if args.quick else FULL
+    rng = np.random.default_rng(args.seed)
+    tinygrad_lite.manual_seed(args.seed)
+    model = GPT(GPTConfig(**MODEL)).eval()
+    start = time.perf_counter()
+    results = {"model": MODEL, "page_size": PAGE_SIZE, "settings": settings, "quick": args.quick}
+    results["same_work"] = same_work(model, settings, rng)
+    results["batch_sweep"] = batch_sweep(model, settings, rng)
+    results["arrivals"] = poisson_arrivals(model, settings, rng)
+    results["prefix_sharing"] = prefix_sharing(model, settings, rng)
+    sweep = results["batch_sweep"]
+    best = max(sweep, key=lambda r: r["tokens_per_s"])
+    results["summary"] = {
+        "tokens_per_s_at_batch_1": sweep[0]["tokens_per_s"], "best_batch": best["max_batch_size"],
+        "best_tokens_per_s": best["tokens_per_s"], "throughput_gain": best["tokens_per_s"] / sweep[0]["tokens_per_s"],
+        "tpot_ms_p50_at_batch_1": sweep[0]["tpot_ms_p50"], "tpot_ms_p50_at_best": best["tpot_ms_p50"],
+        "prefill_saved_share": results["prefix_sharing"]["prefill_saved_share"],
+        "engine_vs_generate": results["same_work"]["engine_vs_generate"]}
+    results["wall_s"] = time.perf_counter() - start
+    write_results(Path(args.out), "batching", results, plot(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
