@@ -69,7 +69,7 @@ def test_pages_filled_while_decoding_hold_the_keys_and_values_of_a_contiguous_ca
     # breaks up (PagedBatch.attend's write-back); every full page must then hold what
     # generate()'s contiguous cache holds for those positions, and serve a later prefix hit
     from model.paged_kv_cache import page_key
-    from tinygrad_lite import Tensor, no_grad
+    from tinygrad_lite import Tensor, backend, no_grad
     model = tiny_gpt(pos)
     engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
     first = prompts([5, 7, 6])
@@ -87,7 +87,8 @@ def test_pages_filled_while_decoding_hold_the_keys_and_values_of_a_contiguous_ca
             assert page is not None, (rid, i)
             for layer in range(model.config.n_layer):
                 for pool, contiguous in ((engine.cache.k, cache.k), (engine.cache.v, cache.v)):
-                    np.testing.assert_allclose(pool[layer][page], contiguous[layer][0, :, 4 * i:4 * i + 4].transpose(1, 0, 2),
+                    np.testing.assert_allclose(backend.to_numpy(pool[layer][page]),
+                                               backend.to_numpy(contiguous[layer][0, :, 4 * i:4 * i + 4]).transpose(1, 0, 2),
                                                rtol=1e-5, atol=1e-6)
     later = [p + results[rid][:-1] for p, rid in zip(first, rids)]  # starts with pages filled by decoding
     hits = engine.prefix_hits
