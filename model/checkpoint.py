@@ -70,7 +70,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (checkpoints and downloaded weights)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -107,11 +108,11 @@ def save_checkpoint(out_dir: str | Path, model_state: dict[str, np.ndarray], met
             header["optimizer"] = {"step": optimizer_state["step"], "lr": optimizer_state["lr"]}
         for extra_name, arrays in (extra or {}).items():
             _save_arrays(tmp / f"{extra_name}.safetensors", arrays)
-        header["sha256"] = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
+        header["sha256"] = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
         _fsync_write(tmp / HEADER, json.dumps(header).encode("utf-8"))
         _fsync_dir(tmp)
         os.rename(tmp, final)  # 1. the folder is complete
-        manifest = {"format_version": FORMAT_VERSION, "checkpoint": name, "state_sha256": _sha256(final / HEADER)}
+        manifest = {"format_version": FORMAT_VERSION, "checkpoint": name, "state_sha256": file_sha256(final / HEADER)}
         _fsync_write(manifest_tmp, json.dumps(manifest).encode("utf-8"))
         previous = current_folder(out_dir)
         os.replace(manifest_tmp, out_dir / MANIFEST)  # 2. the commit point
@@ -185,7 +186,7 @@ def load_extra(out_dir: str | Path, name: str) -> dict[str, np.ndarray]:
 def _verify(path: Path, expected: str | None) -> None:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete")
-    if expected is not None and _sha256(path) != expected:
+    if expected is not None and file_sha256(path) != expected:
         raise CheckpointError(f"{path} is corrupted: its sha256 does not match the one recorded "
                               "when it was written")
 

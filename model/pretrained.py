@@ -32,7 +32,7 @@ import numpy as np
 
 from tinygrad_lite import backend
 
-from .checkpoint import CheckpointError, has_checkpoint, load_checkpoint
+from .checkpoint import CheckpointError, file_sha256, has_checkpoint, load_checkpoint
 from .gpt import GPT, GPTConfig
 from .tokenizer import GPT2BPETokenizer, tokenizer_from_dict
 
@@ -191,14 +191,6 @@ def _git_blob_sha1(path: Path) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(name: str) -> Path:
     """The local folder of hub model `name` (gpt2, distilgpt2, ... or 'org/repo'), fetched on
     first use into the Hugging Face cache, each file's hash checked against the hub's."""
@@ -228,7 +220,7 @@ def download(name: str) -> Path:
     for filename, path in paths.items():  # the hub's own hashes: sha256 for large (LFS) files, git's sha1 else
         sibling = files[filename]
         lfs = getattr(sibling, "lfs", None)
-        expected, got = (lfs.sha256, _sha256(path)) if lfs else (sibling.blob_id, _git_blob_sha1(path))
+        expected, got = (lfs.sha256, file_sha256(path)) if lfs else (sibling.blob_id, _git_blob_sha1(path))
         if expected and got != expected:
             raise PretrainedError(f"{path} does not match the hub's hash for {repo}/{filename} "
                                   f"({got} != {expected}); delete it and try again")
