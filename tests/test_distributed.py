@@ -19,6 +19,7 @@ import pytest
 
 import train
 from model.checkpoint import load_checkpoint
+from same_run import assert_same_checkpoint
 from tinygrad_lite import Tensor, backend, distributed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,13 +81,7 @@ def test_resume_under_mpi_is_exact(text, tmp_path):
     assert mpirun(train_cmd(text, halves, "--max-iters", 4)).returncode == 0
     done = mpirun(train_cmd(text, halves, "--max-iters", 8, "--resume"))
     assert done.returncode == 0, done.stderr
-    a, meta_a, opt_a = load_checkpoint(straight)
-    b, meta_b, opt_b = load_checkpoint(halves)
-    assert meta_a["iter_num"] == meta_b["iter_num"] == 8
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    for name in opt_a["buffers"]:
-        np.testing.assert_array_equal(opt_a["buffers"][name], opt_b["buffers"][name], err_msg=name)
+    assert_same_checkpoint(straight, halves, 8)
 
 
 @needs_mpi

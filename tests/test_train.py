@@ -13,6 +13,7 @@ import pytest
 
 import train
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from same_run import assert_same_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
@@ -51,13 +52,7 @@ def test_resume_is_bitwise_identical_to_a_straight_run(text_file, tmp_path, shar
     assert run(["--data", text_file, "--out-dir", halves, "--max-iters", 4, *flags])[0] == 0
     assert load_checkpoint(halves)[1]["iter_num"] == 4
     assert run(["--data", text_file, "--out-dir", halves, "--max-iters", 8, "--resume", *flags])[0] == 0
-    a, meta_a, opt_a = load_checkpoint(straight)
-    b, meta_b, opt_b = load_checkpoint(halves)
-    assert meta_a["iter_num"] == meta_b["iter_num"] == 8
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    for name in opt_a["buffers"]:
-        np.testing.assert_array_equal(opt_a["buffers"][name], opt_b["buffers"][name], err_msg=name)
+    meta_a, meta_b = assert_same_checkpoint(straight, halves, 8)
     assert meta_a["losses"] == meta_b["losses"]
 
 
