@@ -24,7 +24,7 @@ page and runs attention for every sequence of the step over its own pages.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import tinygrad_lite.functional as F
 from tinygrad_lite import Tensor, backend
@@ -183,17 +183,14 @@ class PagedBatch:
                 self.write_back(layer, old)
         for (n, context), (members, tables, columns, slots) in self.groups.items():
             k_new, v_new = k[columns], v[columns]
-            if members in decoding:
-                _, keys, values, _, written = kept[members]
-                keys[:, :, context - 1], values[:, :, context - 1] = k_new, v_new  # (g, nh, hs) rows
-                gathered[members] = (context, keys, values, tables, written)
-                if context % page == 0:  # a page is full: into the pool with it (the prefix cache may share it)
-                    gathered[members] = (context, keys, values, tables, self.write_back(layer, gathered[members]))
-            else:
+            if members not in decoding:  # (a decoding group's new rows reach the pages later: write_back)
                 cache.k[layer].reshape(rows)[slots] = k_new  # the pool seen as one row per slot: a view
                 cache.v[layer].reshape(rows)[slots] = v_new
-                keys, values = self.group_keys(layer, members, tables, n, context, k_new, v_new)
-                gathered[members] = (context, keys, values, tables, context)
+            keys, values = self.group_keys(layer, kept.get(members), tables, n, context, k_new, v_new)
+            group = Gathered(context, keys, values, tables, kept[members].written if members in decoding else context)
+            if group.written < context and context % page == 0:  # a page is full: into the pool with it
+                group = group._replace(written=self.write_back(layer, group))  # (the prefix cache may share it)
+            gathered[members] = group
             queries = q[columns].reshape(len(tables), n, *rows[1:]).transpose(0, 2, 1, 3)  # (g, nh, n, hs)
             # (wrapped without a copy or checks: these are the model's own arrays)
             keys, values = keys[:, :, :context], values[:, :, :context]
@@ -207,19 +204,17 @@ class PagedBatch:
             y[columns] = out
         return y
 
-    def group_keys(self, layer: int, members: tuple, tables, n: int, context: int, k_new, v_new):
-        """A group's gathered keys and values (g, nh, room >= context, hs) once its n new
-        tokens' (g n, nh, hs) are in their pages: last step's, grown, or gathered afresh."""
+    def group_keys(self, layer: int, kept: "Gathered | None", tables, n: int, context: int, k_new, v_new):
+        """A group's gathered keys and values (g, nh, room >= context, hs) with its n new
+        tokens' (g n, nh, hs): last step's `kept` ones grown, or gathered afresh from the
+        pages (which then hold the new tokens already)."""
         xp, page = backend.xp_of(k_new), self.cache.page_size
-        kept = self.cache.gathered[layer].get(members)
+        g, nh, hs = len(tables), self.cache.n_head, self.cache.head_size
         if _can_grow(kept, context, n):
-            _, keys, values, _, _ = kept
-            g, nh, hs = len(members), self.cache.n_head, self.cache.head_size
-            for buffer, new in ((keys, k_new), (values, v_new)):  # (g n, nh, hs) -> (g, nh, n, hs)
+            for buffer, new in ((kept.keys, k_new), (kept.values, v_new)):  # (g n, nh, hs) -> (g, nh, n, hs)
                 buffer[:, :, context - n:context] = new.reshape(g, n, nh, hs).transpose(0, 2, 1, 3)
-            return keys, values
+            return kept.keys, kept.values
         room = -(-(context + 8 * page) // page) * page  # capacity for the next steps too
-        g, nh, hs = len(members), self.cache.n_head, self.cache.head_size
         keys, values = (xp.empty((g, nh, room, hs), dtype=k_new.dtype) for _ in range(2))
         keys[:, :, :context] = self.gather(self.cache.k[layer], tables, context)
         values[:, :, :context] = self.gather(self.cache.v[layer], tables, context)
@@ -233,7 +228,7 @@ class PagedBatch:
         pages = xp.take(pool, xp.asarray(tables), axis=0)  # (g, pages, page_size, nh, hs)
         return pages.reshape(g, -1, nh, hs)[:, :context].transpose(0, 2, 1, 3)
 
-    def write_back(self, layer: int, group: tuple) -> int:
+    def write_back(self, layer: int, group: "Gathered") -> int:
         """Copy a decoding group's rows that only its gathered copy holds into their pages;
         returns how many positions the pages now hold. Those rows lie in one page: the
         pages are written whenever one fills up."""
@@ -248,6 +243,16 @@ class PagedBatch:
         return context
 
 
+class Gathered(NamedTuple):
+    """A group's keys and values, gathered contiguous per head and kept for the next step."""
+
+    context: int  # positions they hold
+    keys: Any  # (g, nh, room, hs), room >= context
+    values: Any
+    tables: list  # the members' block tables (write_back finds the pages there)
+    written: int  # positions the pages hold too (the rest wait in this copy: write_back)
+
+
 def _can_grow(kept: tuple | None, context: int, n: int = 1) -> bool:
     """Does last step's gathered group go on to `context` positions with n new ones?"""
-    return kept is not None and kept[0] == context - n and kept[1].shape[2] >= context
+    return kept is not None and kept.context == context - n and kept.keys.shape[2] >= context
