@@ -34,6 +34,14 @@ def alone(model: GPT, prompt: list[int], n: int, **sampling) -> list[int]:
     return generate(model, [prompt], n, temperature=sampling.pop("temperature", 0.0), **sampling)[0]
 
 
+def poisoned(engine: Engine) -> Engine:
+    """The engine with NaN in every page: the pool is allocated uninitialised, so a row
+    that never reached its page would otherwise read whatever memory was there."""
+    for pool in engine.cache.k + engine.cache.v:
+        pool[...] = float("nan")
+    return engine
+
+
 def assert_pool_is_empty(engine: Engine) -> None:
     assert engine.free_blocks == engine.num_blocks
     assert engine.pool.ref_counts == [0] * engine.num_blocks
@@ -71,7 +79,7 @@ def test_pages_filled_while_decoding_hold_the_keys_and_values_of_a_contiguous_ca
     from model.paged_kv_cache import page_key
     from tinygrad_lite import Tensor, backend, no_grad
     model = tiny_gpt(pos)
-    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
+    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
     first = prompts([5, 7, 6])
     rids = [engine.submit(p, n, temperature=0) for p, n in zip(first, (21, 13, 17))]  # they leave one by one
     results = engine.run()
@@ -104,7 +112,7 @@ def test_sequences_that_decoded_as_one_group_go_on_right_when_it_breaks_up():
     # equal prompts decode as one group whose new rows wait in its gathered copy; when one
     # leaves, the others are gathered again from their pages, which must have those rows
     model = tiny_gpt()
-    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
+    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
     same_length = prompts([6, 6, 6], seed=3)
     rids = [engine.submit(p, n, temperature=0) for p, n in zip(same_length, (6, 11, 18))]
     results = engine.run()
