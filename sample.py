@@ -241,7 +241,7 @@ def run_prompts(model, tokenizer, args: argparse.Namespace) -> None:
     """Every prompt of --prompts (x --num-samples) through one Engine, as one workload:
     continuous batching over a paged, prefix-shared KV cache. Prints each prompt and its
     completion in file order; --verbose adds throughput, latency and the prefix hit rate."""
-    from model.serving import Engine, RequestError
+    from model.serving import Engine, RequestError, latency_summary
     prompts = read_prompts(args.prompts)
     page_size = 16
     engine = Engine(model, args.max_batch_size, page_size, args.max_batch_size * -(-model.config.block_size // page_size),
@@ -264,17 +264,13 @@ def run_prompts(model, tokenizer, args: argparse.Namespace) -> None:
     sys.stdout.flush()
     if args.verbose:
         requests = [engine.request(rid) for rid in rids]
-        new = sum(len(r.output) for r in requests)
-        ttft = sorted(1000 * (r.first_token - r.queued) for r in requests)
-        tpot = sorted(1000 * (r.finished - r.first_token) / (len(r.output) - 1) for r in requests if len(r.output) > 1)
+        got = latency_summary(requests, end - start)
         prompt_tokens = sum(len(r.prompt) for r in requests)
-
-        def pct(values, q):
-            return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
-        print(f"{len(requests)} requests, {new} tokens in {end - start:.2f} s: {new / (end - start):,.0f} tokens/s; "
-              f"time to first token p50 {pct(ttft, 50):.0f} ms, p99 {pct(ttft, 99):.0f} ms; per token p50 "
-              f"{pct(tpot, 50):.1f} ms, p99 {pct(tpot, 99):.1f} ms; prefix cache: {engine.prefix_hit_tokens} of "
-              f"{prompt_tokens} prompt tokens ({engine.prefix_hit_tokens / prompt_tokens:.0%})", file=sys.stderr)
+        print(f"{len(requests)} requests, {got['generated_tokens']} tokens in {end - start:.2f} s: "
+              f"{got['tokens_per_s']:,.0f} tokens/s; time to first token p50 {got['ttft_ms_p50']:.0f} ms, "
+              f"p99 {got['ttft_ms_p99']:.0f} ms; per token p50 {got['tpot_ms_p50']:.1f} ms, p99 "
+              f"{got['tpot_ms_p99']:.1f} ms; prefix cache: {engine.prefix_hit_tokens} of {prompt_tokens} prompt "
+              f"tokens ({engine.prefix_hit_tokens / prompt_tokens:.0%})", file=sys.stderr)
 
 
 def report_speed(n_prompt: int, n_new: int, start: float, first: float | None, end: float, stats) -> None:

@@ -37,6 +37,7 @@ import tinygrad_lite  # noqa: E402
 from tinygrad_lite import cpu  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
+from model import serving  # noqa: E402
 from model.serving import Engine  # noqa: E402
 
 MODEL = dict(vocab_size=65, block_size=1024, n_layer=4, n_head=4, n_embd=128)
@@ -55,22 +56,9 @@ def make_engine(model: GPT, max_batch_size: int, prefix_caching: bool = True, sh
     return Engine(model, max_batch_size, PAGE_SIZE, max(pages, 64), prefix_caching=prefix_caching)
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
 def latency_summary(engine: Engine, rids: list[int], start: float, end: float) -> dict:
-    """Throughput and TTFT / TPOT percentiles (ms) of finished requests."""
-    ttft, tpot, tokens = [], [], 0
-    for rid in rids:
-        r = engine.request(rid)
-        tokens += len(r.output)
-        ttft.append(1000 * (r.first_token - r.queued))
-        if len(r.output) > 1:
-            tpot.append(1000 * (r.finished - r.first_token) / (len(r.output) - 1))
-    return {"tokens_per_s": tokens / (end - start), "wall_s": end - start, "generated_tokens": tokens,
-            "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
-            "tpot_ms_p50": percentile(tpot, 50), "tpot_ms_p99": percentile(tpot, 99),
+    """Throughput and TTFT / TPOT percentiles (ms) of finished requests (model/serving.py)."""
+    return {**serving.latency_summary([engine.request(rid) for rid in rids], end - start), "wall_s": end - start,
             "preemptions": engine.preemptions}
 
 

@@ -78,6 +78,29 @@ class Request:
         return self.follower.kept_ids() if self.follower is not None and self.follower.stopped else list(self.output)
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile, interpolated between the two nearest ranks (NumPy's default)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    at = (len(ordered) - 1) * q / 100
+    low = int(at)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def latency_summary(requests: Sequence[Request], seconds: float) -> dict:
+    """What a workload of finished requests got: generated tokens, tokens/s over `seconds`,
+    and the time to first token (TTFT, from submit) and time per output token after it
+    (TPOT) in ms, p50 and p99."""
+    ttft = [1000 * (r.first_token - r.queued) for r in requests]
+    tpot = [1000 * (r.finished - r.first_token) / (len(r.output) - 1) for r in requests if len(r.output) > 1]
+    tokens = sum(len(r.output) for r in requests)
+    return {"generated_tokens": tokens, "tokens_per_s": tokens / seconds,
+            "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+            "tpot_ms_p50": percentile(tpot, 50), "tpot_ms_p99": percentile(tpot, 99)}
+
+
 class Engine:
     """Continuous batching over a paged KV cache. Not thread-safe: one thread steps it
     (serve.py's engine thread); others hand it requests through that thread.

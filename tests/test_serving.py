@@ -312,3 +312,21 @@ def test_bad_engine_settings_are_value_errors():
         Engine(tiny_gpt(), max_batch_size=2, page_size=0, num_blocks=4)
     with pytest.raises(ValueError, match="max_step_tokens"):
         Engine(tiny_gpt(), max_batch_size=8, page_size=4, num_blocks=4, max_step_tokens=4)
+
+
+def test_latency_summary_gives_throughput_and_numpy_percentiles_of_ttft_and_tpot():
+    from model.serving import latency_summary, percentile
+    for values in ([3.0], [5.0, 1.0], [4.0, 1.0, 9.0, 2.0, 7.5]):
+        for q in (0, 50, 99, 100):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=32)
+    rids = [engine.submit(p, n, temperature=0) for p, n in zip(prompts([3, 5, 4]), (1, 4, 6))]
+    engine.run()
+    requests = [engine.request(rid) for rid in rids]
+    got = latency_summary(requests, 2.0)
+    assert got["generated_tokens"] == 11 and got["tokens_per_s"] == 5.5
+    ttft = [1000 * (r.first_token - r.queued) for r in requests]
+    tpot = [1000 * (r.finished - r.first_token) / (len(r.output) - 1) for r in requests[1:]]  # (one token: none)
+    assert got["ttft_ms_p50"] == pytest.approx(float(np.median(ttft)))
+    assert got["tpot_ms_p99"] == pytest.approx(float(np.percentile(tpot, 99)))
