@@ -126,6 +126,36 @@ def test_threads_limits_blas_and_the_kernels_and_restores():
     assert blas_threads() == before and cpu.row_blocks(big) == blocks_before
 
 
+def test_a_small_product_of_several_rows_runs_on_one_blas_thread(monkeypatch):
+    """cpu.small_matmul: the same product, with BLAS on one thread while it runs and its
+    thread count given back after; a one-column product (gemv) and a big one are untouched."""
+    class FakeBlas:  # records what small_matmul asks of a BLAS library
+        def __init__(self):
+            self.threads, self.calls = 2, []
+
+        def get_num_threads(self):
+            return self.threads
+
+        def set_num_threads(self, n):
+            self.calls.append(n)
+            self.threads = n
+    blas = FakeBlas()
+    monkeypatch.setattr(cpu, "_blas_libraries", lambda: [(blas.get_num_threads, blas.set_num_threads)])
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, 128)).astype(np.float32)
+    with cpu.threads(2):
+        for columns, one_thread in ((8, True), (1, False), (64, False)):  # 8 x 512 x 128 <= ONE_THREAD_MACS < 64 x ...
+            blas.calls.clear()
+            x = rng.standard_normal((128, columns)).astype(np.float32)
+            np.testing.assert_array_equal(cpu.small_matmul(w, x), w @ x)
+            assert blas.calls == ([1, 2] if one_thread else []), columns
+            assert blas.threads == 2
+    with cpu.threads(1):  # one thread anyway: nothing to switch
+        blas.calls.clear()
+        cpu.small_matmul(w, x[:, :8])
+        assert blas.calls == []
+
+
 def test_thread_generators_are_per_thread():
     with backend.use_generator(7):
         a = backend.rand((3,), "cpu")

@@ -109,14 +109,27 @@ def _limit_blas(n: int):
 
 
 def _blas_libraries() -> list:
-    """threadpoolctl's handles on the BLAS libraries loaded (found once), [] without it."""
+    """(get_num_threads, set_num_threads) of each BLAS library loaded (found once through
+    threadpoolctl), [] without it.
+
+    NOTE: for OpenBLAS on its own threads, the library's C functions themselves: through
+    threadpoolctl's methods a switch costs ~2 us of Python, and small_matmul makes three
+    per product of a decoded token.
+    """
     global _blas_libs
     if _blas_libs is None:
         try:
             import threadpoolctl
-            _blas_libs = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
+            controllers = threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
         except ImportError:
-            _blas_libs = []
+            controllers = []
+        _blas_libs = []
+        for lib in controllers:
+            calls = (lib.get_num_threads, lib.set_num_threads)
+            if lib.internal_api == "openblas" and lib.threading_layer == "pthreads" and hasattr(lib, "_get_symbol"):
+                raw = lib._get_symbol("openblas_get_num_threads"), lib._get_symbol("openblas_set_num_threads")
+                calls = raw if None not in raw else calls
+            _blas_libs.append(calls)
     return _blas_libs
 
 
@@ -161,6 +174,35 @@ def apply_settings(wanted: dict[str, Any]) -> None:
     global _malloc_tuned
     if wanted.get("malloc") and not _malloc_tuned:
         _malloc_tuned = keep_freed_memory()
+
+
+# --- small products on one BLAS thread ------------------------------------------------------
+
+ONE_THREAD_MACS = 1 << 21  # multiply-adds up to which a product of several rows runs on one BLAS thread
+
+
+def small_matmul(a, b):
+    """a (m, k) @ b (k, n) for a small product: with BLAS on one thread when n > 1 and it
+    is at most ONE_THREAD_MACS multiply-adds.
+
+    NOTE: OpenBLAS splits a product of a few columns (W x^T for 8 x 128 rows x and a
+    512 x 128 W: a decoded token of 8 sequences) over its threads, and waking the other
+    thread costs more than the product: 19 -> 30 us on the 2-core VM; decoding 8 sequences
+    went 0.92 -> 0.66 ms a token with it on one thread. A one-column product (gemv, one
+    sequence) is left alone: OpenBLAS splits a big one usefully, as it does products over
+    ONE_THREAD_MACS, which two threads win.
+    """
+    if not (b.shape[-1] > 1 and a.size * b.shape[-1] <= ONE_THREAD_MACS and isinstance(a, numpy.ndarray)):
+        return a @ b
+    libraries = _blas_libraries() if num_threads() > 1 else ()
+    before = [get_threads() for get_threads, _ in libraries]
+    for _, set_threads in libraries:
+        set_threads(1)
+    try:
+        return a @ b
+    finally:
+        for (_, set_threads), n in zip(libraries, before):
+            set_threads(n)
 
 
 # --- the kernels' thread pool ---------------------------------------------------------------
@@ -213,13 +255,13 @@ def parallel_rows(kernel, *arrays, blocks=None, extras=None, chunked=False) -> l
         from concurrent.futures import ThreadPoolExecutor
         _pool = ThreadPoolExecutor(max(num_threads(), len(blocks)) - 1, thread_name_prefix="tinygrad_lite")
     libraries = _blas_libraries()
-    before = [library.get_num_threads() for library in libraries]
-    for library in libraries:
-        library.set_num_threads(1)
+    before = [get_threads() for get_threads, _ in libraries]
+    for _, set_threads in libraries:
+        set_threads(1)
     try:
         futures = [_pool.submit(run, i) for i in range(1, len(blocks))]
         first = run(0)  # the calling thread does the first block
         return [first] + [f.result() for f in futures]
     finally:
-        for library, n in zip(libraries, before):
-            library.set_num_threads(n)
+        for (_, set_threads), n in zip(libraries, before):
+            set_threads(n)

@@ -17,7 +17,7 @@ runs the fused op itself. Later CUDA kernels belong in this layer too.
 from __future__ import annotations
 
 from .backend import scatter_add, xp_of
-from .cpu import PARALLEL_MIN_SIZE, parallel_rows
+from .cpu import PARALLEL_MIN_SIZE, parallel_rows, small_matmul
 from .fast_attention import FastAttention, FastPackedAttention
 from .fused import GELU_C, FusedLinear, cross_entropy, dropout, log_softmax  # noqa: F401  (this tier's too)
 from .tensor import Function
@@ -189,7 +189,8 @@ class FastLinear(Function):
 
     NOTE: OpenBLAS packs the transposed operand of x W^T, all of W, on every call; W x^T
     packs the few rows instead. Measured (2 threads, K = 128, N = 384): 8 rows 41 -> 21 us,
-    256 rows 179 -> 162 us; from ~768 rows on x W^T is faster again.
+    256 rows 179 -> 162 us; from ~768 rows on x W^T is faster again. The few rows' product
+    runs on one BLAS thread (cpu.small_matmul).
     """
 
     def forward(self, x, weight, bias=None):
@@ -197,7 +198,7 @@ class FastLinear(Function):
         self.x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         self.weight, self.has_bias, self.in_shape = weight, bias is not None, x.shape
         if self.x2d.shape[0] <= SMALL_ROWS:
-            out = xp.ascontiguousarray((weight @ self.x2d.T).T)  # (N, out)
+            out = xp.ascontiguousarray(small_matmul(weight, self.x2d.T).T)  # (N, out)
         else:
             out = self.x2d @ weight.T
         if bias is not None:
