@@ -318,6 +318,22 @@ def test_mixing_devices_raises_naming_both():
         b * a
 
 
+def test_an_op_on_a_numpy_scalar_and_an_array_is_on_one_device():
+    a, scalar = Tensor(np.ones(3, np.float32)), Tensor._from_array(np.float32(2.0))  # two types, one device
+    np.testing.assert_array_equal((a * scalar).numpy(), np.full(3, 2.0, np.float32))
+
+
+def test_an_op_that_fails_under_no_grad_keeps_nothing():
+    """An op that records nothing runs on a spare instance, wiped after it: also when its
+    forward raised (it must not hold on to its inputs' buffers)."""
+    from tinygrad_lite import tensor as tensor_module
+    a, b = Tensor(np.zeros((2, 3))), Tensor(np.zeros((4, 5)))
+    with no_grad():
+        with pytest.raises(ValueError):
+            a @ b
+    assert all(vars(ctx) == {} for ctx in tensor_module._spares.__dict__.values())
+
+
 def test_to_strict_and_back_round_trip():
     t = Tensor(np.array([[1.0, 2.0], [3.0, 4.0]]), requires_grad=True)
     s = t.to("strict")
