@@ -139,15 +139,16 @@ class PagedBatch:
         column = self.end = 0
         for sequence, table, start, n in segments:
             end = start + n
-            positions += range(start, end)
             # sequences with as many new tokens and as long a context run as one attention call
             members, tables, columns, slots = groups.setdefault((n, end), ([], [], [], []))
             members.append(sequence)
             tables.append(table[:-(-end // page)])  # the pages its context spans
             if n == 1:  # (the common case, decoding: one token)
+                positions.append(start)
                 columns.append(column)
                 slots.append(table[start // page] * page + start % page)
             else:
+                positions += range(start, end)
                 columns += range(column, column + n)
                 slots += [table[p // page] * page + p % page for p in range(start, end)]  # pool rows
             column += n
@@ -156,6 +157,7 @@ class PagedBatch:
         # (block tables stay lists until a gather needs them: a decode group seldom does)
         self.groups = {shape: (tuple(members), tables, _as_slice(columns) or xp.asarray(columns), xp.asarray(slots))
                        for shape, (members, tables, columns, slots) in groups.items()}
+        self.decoding = None  # the groups that go on decoding in their kept copies (set by attend)
 
     def attend(self, layer: int, q, k, v):
         """q, k, v (N, nh, hs) arrays of the packed tokens -> attention output (N, nh, hs).
@@ -176,8 +178,10 @@ class PagedBatch:
         """
         cache, rows, page = self.cache, (-1,) + q.shape[1:], self.cache.page_size
         kept, gathered, outputs = cache.gathered[layer], {}, []
-        decoding = {members for (n, context), (members, *_) in self.groups.items()
-                    if n == 1 and _can_grow(kept.get(members), context)}
+        if self.decoding is None:  # (every layer kept the same groups, alike: the first layer's answer holds for all)
+            self.decoding = {members for (n, context), (members, *_) in self.groups.items()
+                             if n == 1 and _can_grow(kept.get(members), context)}
+        decoding = self.decoding
         for members, old in kept.items():
             if members not in decoding:  # it stops here: its rows must be in the pages before anyone gathers them
                 self.write_back(layer, old)

@@ -215,13 +215,13 @@ class Engine:
         batch = self._schedule()
         if not batch:
             return emitted
-        logits = self._forward(batch)
-        due = [request for request, _ in batch if request.num_cached == len(request.tokens)]
+        due, logits = self._forward(batch)
         greedy = logits.argmax(axis=-1).tolist()  # one call for every greedy request (host logits)
+        now = time.perf_counter()
         for i, request in enumerate(due):
             token = greedy[i] if request.sampler.temperature == 0 else request.sampler(logits[i:i + 1])[0]
             emitted[request.id] = [token]
-            self._append(request, token)
+            self._append(request, token, now)
         return emitted
 
     # --- scheduling ------------------------------------------------------------------------
@@ -229,9 +229,9 @@ class Engine:
     def _schedule(self) -> list[tuple[Request, int]]:
         """Which requests compute how many tokens this step: the running ones first (oldest
         first), then waiting ones while there is room in the batch, the budget and the pool."""
-        budget, batch = self.max_step_tokens, []
+        budget, batch, preempted = self.max_step_tokens, [], False
         for request in list(self.running):
-            if request not in self.running:  # preempted below, to make room for an older one
+            if preempted and request not in self.running:  # preempted below, to make room for an older one
                 continue
             n = min(len(request.tokens) - request.num_cached, budget)
             if n == 0:  # an older sequence's prefill chunk took the whole budget: next step
@@ -239,6 +239,7 @@ class Engine:
             while not self._reserve(request, n):
                 victim = self.running[-1]  # the newest
                 self._preempt(victim)
+                preempted = True
                 if victim is request:
                     break
             else:
@@ -270,6 +271,8 @@ class Engine:
     def _reserve(self, request: Request, n: int) -> bool:
         """Pages for the request's first num_cached + n tokens, if the pool has them."""
         needed = -(-(request.num_cached + n) // self.page_size) - len(request.pages)
+        if needed <= 0:  # (most decode steps: the last page has room)
+            return True
         if needed > self.pool.num_free:
             return False
         request.pages += [self.pool.allocate() for _ in range(needed)]
@@ -313,16 +316,20 @@ class Engine:
 
     # --- the forward pass and its results ---------------------------------------------------
 
-    def _forward(self, batch: list[tuple[Request, int]]) -> Any:
-        """One forward pass over the batch's new tokens, packed in one row. Returns the host
-        logits (R, V) of the R requests whose known tokens are now all computed."""
-        ids, segments, wanted = [], [], []
+    def _forward(self, batch: list[tuple[Request, int]]) -> tuple[list[Request], Any]:
+        """One forward pass over the batch's new tokens, packed in one row. Returns the R
+        requests whose known tokens are now all computed, and their host logits (R, V)."""
+        ids, segments, wanted, due = [], [], [], []
         for request, n in batch:
             start = request.num_cached
-            ids += request.tokens[start:start + n]
+            if n == 1:  # (decoding)
+                ids.append(request.tokens[start])
+            else:
+                ids += request.tokens[start:start + n]
             segments.append(((request.id, request.admissions), request.pages, start, n))
             if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
                 wanted.append(len(ids) - 1)
+                due.append(request)
         device = self.model.wte.weight.device
         view = PagedBatch(self.cache, segments)
         columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
@@ -335,7 +342,7 @@ class Engine:
             request.num_cached += n
             if request.num_cached // self.page_size > len(request.page_keys):
                 self._register_full_pages(request)
-        return backend.to_numpy(logits.data[0])[:len(wanted)]  # (R, V)
+        return due, backend.to_numpy(logits.data[0])[:len(wanted)]  # (R, V)
 
     def _register_full_pages(self, request: Request) -> None:
         """Offer the request's newly full pages to the prefix cache."""
@@ -345,8 +352,7 @@ class Engine:
             request.page_keys.append(key)
             self.pool.register(request.pages[i], key, tokens[i * page:(i + 1) * page])
 
-    def _append(self, request: Request, token: int) -> None:
-        now = time.perf_counter()
+    def _append(self, request: Request, token: int, now: float) -> None:
         if request.first_token is None:
             request.first_token = now
         request.output.append(token)
