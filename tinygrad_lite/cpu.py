@@ -40,7 +40,7 @@ from typing import Any
 import numpy
 
 OPENBLAS_SPIN = "10"  # the value scripts put in OPENBLAS_THREAD_TIMEOUT (knob 1)
-PARALLEL_MIN_SIZE = 1 << 16  # below this many elements, threads cost more than they save
+PARALLEL_MIN_SIZE = 1 << 19  # elements below which an elementwise kernel runs in one call (see row_blocks)
 CHUNK_ELEMENTS = 1 << 16  # 256 KB of float32 per array: a few arrays' pieces fit in a core's L2
 
 _threads: int | None = None  # this process's thread budget; None: the default
@@ -208,11 +208,22 @@ def small_matmul(a, b):
 # --- the kernels' thread pool ---------------------------------------------------------------
 
 
-def row_blocks(array) -> list:
+def row_blocks(array, min_size: int | None = None) -> list:
     """How parallel_rows splits `array`'s first axis: a list of slices (one slice for
-    CuPy, for small arrays, or when this process has one thread)."""
+    CuPy, for arrays under min_size elements (default PARALLEL_MIN_SIZE), or when this
+    process has one thread).
+
+    NOTE: handing a block to the other thread and waiting for it costs ~60-100 us on the
+    2-core VM (its idle vCPUs halt at once, and waking one is slow), so only kernels of
+    more work than that gain. Measured there, us, two blocks / one call: layer norm
+    forward 512 x 128 183 / 50, 2048 x 128 299 / 272, 8192 x 128 894 / 1354; GELU
+    768 x 512 637 / 355, 8192 x 128 759 / 1017; prefilling 8 x 64 tokens with the
+    threshold at 2^16 / 2^19 elements: 11.4 / 10.3 ms. Attention does far more work per
+    element and passes a smaller min_size (fast_attention.py).
+    """
     rows = array.shape[0]
-    if not isinstance(array, numpy.ndarray) or array.size < PARALLEL_MIN_SIZE or rows < 2:
+    if (not isinstance(array, numpy.ndarray) or array.size < (PARALLEL_MIN_SIZE if min_size is None else min_size)
+            or rows < 2):
         return [slice(None)]  # (checked first: most arrays are small, and this runs for every kernel)
     n = num_threads()
     if n == 1:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 
 from .backend import device_of, rand, xp_of
-from .cpu import PARALLEL_MIN_SIZE, num_threads, parallel_rows, row_blocks
+from .cpu import num_threads, parallel_rows, row_blocks
 from .ops import causal_mask
 from .tensor import Function
 
@@ -216,6 +216,11 @@ def blocked_backward(grad, saved):
     return dq, dk, dv
 
 
+SPLIT_MIN_SIZE = 1 << 16  # query elements from which attention runs in blocks on the cores
+# (each query costs a whole row of scores: far more work per element than the elementwise
+# kernels, whose threshold is cpu.PARALLEL_MIN_SIZE)
+
+
 class FastMultiCoreAttention(Function):
     """Attention of (B, H, T, D) views run in blocks on all CPU cores: sequences and heads
     are independent, so without dropout the batch, or with fewer sequences than cores the
@@ -224,7 +229,7 @@ class FastMultiCoreAttention(Function):
 
     def _attend(self, q, k, v, out, causal: bool, dropout_p: float, decoding: bool) -> None:
         B, H = q.shape[0], q.shape[1]
-        if decoding and q.size < PARALLEL_MIN_SIZE:  # a decoded token's few queries: one call, no pool
+        if decoding and q.size < SPLIT_MIN_SIZE:  # a decoded token's few queries: one call, no pool
             self.blocks, self.saved = None, None
             decode_forward(q, k, v, out)
             return
@@ -239,7 +244,7 @@ class FastMultiCoreAttention(Function):
         # NOTE: dropout draws random numbers, which must come in one order to be reproducible
         self.by_heads = dropout_p == 0 and B < num_threads() and H > B
         arrays = self._split(q, k, v, out)
-        self.blocks = row_blocks(arrays[0]) if dropout_p == 0 else [slice(None)]
+        self.blocks = row_blocks(arrays[0], SPLIT_MIN_SIZE) if dropout_p == 0 else [slice(None)]
         self.saved = parallel_rows(block, *arrays, blocks=self.blocks)
 
     def _attend_backward(self, grad, dq, dk, dv) -> None:
