@@ -40,20 +40,26 @@ from model.gpt import GPT, GPTConfig  # noqa: E402
 CONFIG = dict(vocab_size=65, block_size=1024, n_layer=4, n_head=4, n_embd=128)
 
 
-def measure(model: GPT, total: int, batch: int, n_decode: int, use_cache: bool) -> dict:
-    """Time the prefill (to the first new token) and the n_decode - 1 steps after it."""
+def measure(model: GPT, total: int, batch: int, n_decode: int, use_cache: bool, runs: int = 3) -> dict:
+    """Time the prefill (to the first new token) and the n_decode - 1 steps after it: one
+    untimed warm-up, then `runs` timed runs, of which the one with the median total time is
+    kept (as bench/torch_gpt.py's torch_decode_timing does for PyTorch)."""
     rng = np.random.default_rng(total)
     prompt_len = total - n_decode
     prompt = rng.integers(0, model.config.vocab_size, size=(batch, prompt_len)).tolist()
-    start = time.perf_counter()
-    steps = stream(model, prompt, n_decode, temperature=0, use_cache=use_cache)
-    next(steps)  # the prefill; greedy ids come back to the host, so the device has finished
-    first = time.perf_counter()
-    for _ in steps:
-        pass
-    end = time.perf_counter()
-    step_s = (end - first) / (n_decode - 1)
-    return {"prefill_tok_s": batch * prompt_len / (first - start), "ms_per_step": 1000 * step_s,
+    timings = []
+    for _ in range(1 + runs):
+        start = time.perf_counter()
+        steps = stream(model, prompt, n_decode, temperature=0, use_cache=use_cache)
+        next(steps)  # the prefill; greedy ids come back to the host, so the device has finished
+        first = time.perf_counter()
+        for _ in steps:
+            pass
+        timings.append((first - start, time.perf_counter() - first))
+    timed = timings[1:] or timings  # (runs=0: only the warm-up)
+    prefill_s, decode_s = sorted(timed, key=sum)[len(timed) // 2]
+    step_s = decode_s / (n_decode - 1)
+    return {"prefill_tok_s": batch * prompt_len / prefill_s, "ms_per_step": 1000 * step_s,
             "decode_tok_s": batch / step_s}
 
 
@@ -98,6 +104,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads of both frameworks (default: all)")
     p.add_argument("--repeats", type=int, default=5,
                    help="cached runs of each framework, alternating; the median is reported (min-max kept)")
+    p.add_argument("--settle", type=float, default=0.2,
+                   help="seconds of rest after each framework's runs (default 0.2): PyTorch's OpenMP "
+                        "threads spin on the cores for a while after its last op, and the other "
+                        "framework's run must not start against them")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode_speed.json"))
     args = p.parse_args()
     cpu.tune()  # malloc and threads, as train.py and sample.py do (tinygrad_lite/cpu.py)
@@ -107,7 +117,7 @@ def main() -> int:
         p.error(f"lengths must be in ({args.decode_tokens}, {CONFIG['block_size']}]")
     tinygrad_lite.manual_seed(0)
     model = GPT(GPTConfig(**CONFIG)).eval()
-    measure(model, 32, 1, 4, True)  # warm up: first calls allocate and load kernels
+    measure(model, 32, 1, 4, True, runs=0)  # warm up: first calls allocate and load kernels
 
     rows = []
     header = (f"{'total':>6} {'batch':>5} | {'prefill tok/s':>13} | {'cached ms/step':>14} {'tok/s':>8} | "
@@ -127,8 +137,9 @@ def main() -> int:
                         ours_runs.append(measure(model, total, batch, args.decode_tokens, use_cache=True))
                     else:
                         torch_runs.append(torch_decode_speed(CONFIG, total, batch, args.decode_tokens))
+                    time.sleep(args.settle)  # NOTE: see --settle
             cached = median_run(ours_runs)
-            uncached = measure(model, total, batch, args.decode_tokens, use_cache=False)
+            uncached = measure(model, total, batch, args.decode_tokens, use_cache=False, runs=1)
             row = {"total_tokens": total, "batch": batch, "cached": cached, "uncached": uncached,
                    "speedup": uncached["ms_per_step"] / cached["ms_per_step"],
                    "torch": median_run(torch_runs) if None not in torch_runs else None}
