@@ -74,12 +74,12 @@ def test_at_512_tokens_no_array_holds_the_whole_score_matrix(monkeypatch):
     rng = np.random.default_rng(0)
     q, k, v, grad = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(4))
     widths = []
-    real_hidden = fast_attention._hidden
+    real_mask = fast_attention._diagonal_mask
 
-    def recording(i0, i1, j0, j1, offset, xp):
+    def recording(masks, i0, i1, j0, j1, offset, dtype, xp):
         widths.append((i1 - i0, j1 - j0))
-        return real_hidden(i0, i1, j0, j1, offset, xp)
-    monkeypatch.setattr(fast_attention, "_hidden", recording)
+        return real_mask(masks, i0, i1, j0, j1, offset, dtype, xp)
+    monkeypatch.setattr(fast_attention, "_diagonal_mask", recording)
     scores_bytes = B * H * T * T * 4
     tracemalloc.start()
     try:

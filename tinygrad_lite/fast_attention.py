@@ -136,6 +136,17 @@ def _hidden(i0: int, i1: int, j0: int, j1: int, offset: int, xp):
     return xp.arange(j0, j1)[None, :] > xp.arange(i0, i1)[:, None] + offset
 
 
+def _diagonal_mask(masks: dict, i0: int, i1: int, j0: int, j1: int, offset: int, dtype, xp):
+    """(i1-i0, j1-j0) of -inf where query i may not see key j, 0 elsewhere; kept in `masks`.
+    It depends only on the tile's shape and its distance from the diagonal, so a call's
+    diagonal tiles (all alike but maybe the last) build it once: 7 NumPy calls a tile fewer."""
+    key = (i1 - i0, j1 - j0, i0 + offset - j0)
+    mask = masks.get(key)
+    if mask is None:
+        mask = masks[key] = xp.where(_hidden(i0, i1, j0, j1, offset, xp), -xp.inf, 0).astype(dtype)
+    return mask
+
+
 def blocked_forward(q, k, v, tile: int, out=None):
     """Causal attention in tiles; returns (out, saved) with saved the per-row log-sum-exp.
 
@@ -154,6 +165,7 @@ def blocked_forward(q, k, v, tile: int, out=None):
     out = xp.empty(q.shape, dtype=q.dtype) if out is None else out
     lse = xp.empty(q.shape[:-1], dtype=q.dtype)
     scores = xp.empty((tile,) + lead + (tile,), dtype=q.dtype)  # one tile's s^T, reused
+    masks: dict = {}
     for i0 in range(0, Tq, tile):
         i1 = min(i0 + tile, Tq)
         q_tile_t = xp.swapaxes(q[..., i0:i1, :] * scale, -1, -2)  # (..., D, bq), the scale folded in once
@@ -163,8 +175,8 @@ def blocked_forward(q, k, v, tile: int, out=None):
             s = scores[:j1 - j0, ..., :i1 - i0]  # (bk, ..., bq)
             xp.matmul(k[..., j0:j1, :], q_tile_t, out=xp.moveaxis(s, 0, -2))  # s^T = k q^T
             if j1 - 1 > i0 + offset:  # crosses the diagonal: hide the future
-                hidden = _hidden(i0, i1, j0, j1, offset, xp).T.reshape((j1 - j0,) + (1,) * len(lead) + (i1 - i0,))
-                s += xp.where(hidden, -xp.inf, 0).astype(s.dtype)
+                s += _diagonal_mask(masks, i0, i1, j0, j1, offset, s.dtype, xp).T.reshape(
+                    (j1 - j0,) + (1,) * len(lead) + (i1 - i0,))
             tile_max = s.max(axis=0)  # (..., bq)
             if row_max is None:  # the first tile (key 0 is visible to every query: max is finite)
                 row_max = tile_max
@@ -195,6 +207,7 @@ def blocked_backward(grad, saved):
     offset, scale = Tk - Tq, q.dtype.type(1.0 / math.sqrt(D))
     dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
     row_dot = (grad * out).sum(axis=-1, keepdims=True)  # (..., Tq, 1): rowsum(dO * O) = sum over keys of dP * P
+    masks: dict = {}
     for i0 in range(0, Tq, tile):
         i1 = min(i0 + tile, Tq)
         q_tile, g_tile = q[..., i0:i1, :] * scale, grad[..., i0:i1, :]
@@ -203,7 +216,7 @@ def blocked_backward(grad, saved):
             j1 = min(j0 + tile, Tk)
             p = q_tile @ xp.swapaxes(k[..., j0:j1, :], -1, -2)  # the scores again ...
             if j1 - 1 > i0 + offset:
-                p[..., _hidden(i0, i1, j0, j1, offset, xp)] = -xp.inf
+                p += _diagonal_mask(masks, i0, i1, j0, j1, offset, p.dtype, xp)
             p -= lse_tile
             xp.exp(p, out=p)  # ... and their probabilities, from the saved statistics
             dv[..., j0:j1, :] += xp.swapaxes(p, -1, -2) @ g_tile

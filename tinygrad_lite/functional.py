@@ -134,8 +134,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
 
     Causal: query i (the last Tq of Tk positions) sees keys up to its own position.
     """
-    Tq, Tk = q.shape[-2], k.shape[-2]
-    if k.shape[-1] != q.shape[-1] or v.shape[-2] != Tk:
+    Tq, Tk = q.data.shape[-2], k.data.shape[-2]  # (on .data: cheaper, and this runs for every decoded token)
+    if k.data.shape[-1] != q.data.shape[-1] or v.data.shape[-2] != Tk:
         raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit together")
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs at least as many keys as queries ({Tk} < {Tq})")
