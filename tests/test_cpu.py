@@ -217,5 +217,6 @@ def test_threaded_packed_attention_matches_the_primitive_one():
         results.append((y.numpy(), backend.to_numpy(t.grad)))
     np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-3, atol=1e-4)
-    assert len(blocks) == min(cpu.num_threads(), 5)
+    on_host = backend.default_device() == "cpu"  # (CuPy and strict arrays run in one block)
+    assert len(blocks) == (min(cpu.num_threads(), 5) if on_host else 1)
     assert sum(len(range(5)[b]) for b in blocks) == 5
