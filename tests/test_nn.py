@@ -3,7 +3,6 @@ functional API, and the seed idea: an MLP of Neurons that learns XOR."""
 from __future__ import annotations
 
 import re
-import time
 
 import numpy as np
 import pytest
@@ -197,14 +196,11 @@ def test_mlp_of_neurons_learns_xor():
     model = MLP([2, 8, 8, 1], activation="tanh")
     opt = optim.Adam(model.parameters(), lr=0.03)
     x, y = Tensor(x_train), Tensor(y_train)
-    start = time.perf_counter()
     for _ in range(150):
         loss = ((model(x).reshape(-1) - y) ** 2).mean()  # squared error against +-1
         opt.zero_grad()
         loss.backward()
         opt.step()
-    elapsed = time.perf_counter() - start
     model.eval()
     accuracy = (np.sign(model(Tensor(x_test)).numpy().reshape(-1)) == y_test).mean()
     assert accuracy >= 0.95, f"test accuracy {accuracy:.3f} after training (final loss {loss.item():.4f})"
-    assert elapsed < 10, f"training took {elapsed:.1f} s"

@@ -9,7 +9,9 @@ The rules, which the tour states at its top:
   block (trailing spaces ignored).
 - Each `**Code:**` line names files (markdown links) and the functions or classes the
   section is about: the files must exist and define those names.
-- A block may take at most BLOCK_SECONDS (they are written to take well under 2 s).
+- Blocks are written to take well under 2 s each; how long they take is not checked here
+  (a wall-clock limit in a pass/fail test fails on a slow moment of a shared machine:
+  timing belongs in bench/).
 
 Expected outputs come from random-init models seeded with `manual_seed(0)`. NumPy
 draws them on 'cpu' and 'strict' alike; CuPy draws other numbers from the same seed,
@@ -22,7 +24,6 @@ import ast
 import contextlib
 import io
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,6 @@ from tinygrad_lite import backend
 
 ROOT = Path(__file__).resolve().parents[1]
 TOUR = ROOT / "docs" / "tour.md"
-BLOCK_SECONDS = 5.0
 CHECK_VALUES = backend.default_device() != "cuda"
 EXPECT = re.compile(r"#\s*->\s?(.*)$")
 
@@ -123,10 +123,7 @@ def test_the_tour_has_its_sections():
 def test_section_runs_and_prints_what_it_says(section: Section):
     namespace: dict = {"__name__": "__tour__"}
     for block in section.blocks:
-        start = time.perf_counter()
         run_block(block, namespace, f"docs/tour.md, section {section.title!r}")
-        seconds = time.perf_counter() - start
-        assert seconds < BLOCK_SECONDS, f"docs/tour.md line {block.line}: block took {seconds:.1f} s"
 
 
 @pytest.mark.parametrize("section", [s for s in SECTIONS if s.code_lines],
