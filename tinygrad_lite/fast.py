@@ -17,7 +17,7 @@ runs the fused op itself. Later CUDA kernels belong in this layer too.
 from __future__ import annotations
 
 from .backend import scatter_add, xp_of
-from .cpu import PARALLEL_MIN_SIZE, parallel_rows, small_matmul
+from .cpu import CHUNK_ELEMENTS, PARALLEL_MIN_SIZE, parallel_rows, small_matmul
 from .fast_attention import FastAttention, FastPackedAttention
 from .fused import GELU_C, FusedLinear, cross_entropy, dropout, log_softmax  # noqa: F401  (this tier's too)
 from .tensor import Function
@@ -76,7 +76,10 @@ class FastGELU(Function):
         xp = xp_of(x)
         x = xp.ascontiguousarray(x).reshape(x.shape)  # (ascontiguousarray makes 0-d into 1-d)
         out = xp.empty_like(x)
-        parallel_rows(_gelu_forward, x.reshape(-1), out.reshape(-1), chunked=True)
+        if x.size <= CHUNK_ELEMENTS:  # one piece (a decoded token's few rows): no pool, no pieces
+            _gelu_forward(x, out)
+        else:
+            parallel_rows(_gelu_forward, x.reshape(-1), out.reshape(-1), chunked=True)
         self.x, self.out = x, out
         return out
 
