@@ -56,8 +56,7 @@ def measure(model: GPT, total: int, batch: int, n_decode: int, use_cache: bool, 
         for _ in steps:
             pass
         timings.append((first - start, time.perf_counter() - first))
-    timed = timings[1:] or timings  # (runs=0: only the warm-up)
-    prefill_s, decode_s = sorted(timed, key=sum)[len(timed) // 2]
+    prefill_s, decode_s = sorted(timings[1:], key=sum)[runs // 2]
     step_s = decode_s / (n_decode - 1)
     return {"prefill_tok_s": batch * prompt_len / prefill_s, "ms_per_step": 1000 * step_s,
             "decode_tok_s": batch / step_s}
@@ -117,7 +116,7 @@ def main() -> int:
         p.error(f"lengths must be in ({args.decode_tokens}, {CONFIG['block_size']}]")
     tinygrad_lite.manual_seed(0)
     model = GPT(GPTConfig(**CONFIG)).eval()
-    measure(model, 32, 1, 4, True, runs=0)  # warm up: first calls allocate and load kernels
+    measure(model, 32, 1, 4, True, runs=1)  # warm up: first calls allocate and load kernels
 
     rows = []
     header = (f"{'total':>6} {'batch':>5} | {'prefill tok/s':>13} | {'cached ms/step':>14} {'tok/s':>8} | "

@@ -229,9 +229,9 @@ class Engine:
     def _schedule(self) -> list[tuple[Request, int]]:
         """Which requests compute how many tokens this step: the running ones first (oldest
         first), then waiting ones while there is room in the batch, the budget and the pool."""
-        budget, batch, preempted = self.max_step_tokens, [], False
+        budget, batch = self.max_step_tokens, []
         for request in list(self.running):
-            if preempted and request not in self.running:  # preempted below, to make room for an older one
+            if request not in self.running:  # preempted below, to make room for an older one
                 continue
             n = min(len(request.tokens) - request.num_cached, budget)
             if n == 0:  # an older sequence's prefill chunk took the whole budget: next step
@@ -239,7 +239,6 @@ class Engine:
             while not self._reserve(request, n):
                 victim = self.running[-1]  # the newest
                 self._preempt(victim)
-                preempted = True
                 if victim is request:
                     break
             else:
@@ -322,10 +321,7 @@ class Engine:
         ids, segments, wanted, due = [], [], [], []
         for request, n in batch:
             start = request.num_cached
-            if n == 1:  # (decoding)
-                ids.append(request.tokens[start])
-            else:
-                ids += request.tokens[start:start + n]
+            ids += request.tokens[start:start + n]
             segments.append(((request.id, request.admissions), request.pages, start, n))
             if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
                 wanted.append(len(ids) - 1)

@@ -188,21 +188,32 @@ def small_matmul(a, b):
     NOTE: OpenBLAS splits a product of a few columns (W x^T for 8 x 128 rows x and a
     512 x 128 W: a decoded token of 8 sequences) over its threads, and waking the other
     thread costs more than the product: 19 -> 30 us on the 2-core VM; decoding 8 sequences
-    went 0.92 -> 0.66 ms a token with it on one thread. A one-column product (gemv, one
+    went 1.04 -> 0.74 ms a token with it on one thread. A one-column product (gemv, one
     sequence) is left alone: OpenBLAS splits a big one usefully, as it does products over
     ONE_THREAD_MACS, which two threads win.
     """
-    if not (b.shape[-1] > 1 and a.size * b.shape[-1] <= ONE_THREAD_MACS and isinstance(a, numpy.ndarray)):
+    if not (b.shape[-1] > 1 and a.size * b.shape[-1] <= ONE_THREAD_MACS and isinstance(a, numpy.ndarray)
+            and num_threads() > 1):
         return a @ b
-    libraries = _blas_libraries() if num_threads() > 1 else ()
-    before = [get_threads() for get_threads, _ in libraries]
-    for _, set_threads in libraries:
-        set_threads(1)
+    before = _blas_on_one_thread()
     try:
         return a @ b
     finally:
-        for (_, set_threads), n in zip(libraries, before):
-            set_threads(n)
+        _restore_blas_threads(before)
+
+
+def _blas_on_one_thread() -> list[int]:
+    """Put every BLAS library on one thread; returns their thread counts before."""
+    libraries = _blas_libraries()
+    before = [get_threads() for get_threads, _ in libraries]
+    for _, set_threads in libraries:
+        set_threads(1)
+    return before
+
+
+def _restore_blas_threads(before: list[int]) -> None:
+    for (_, set_threads), n in zip(_blas_libraries(), before):
+        set_threads(n)
 
 
 # --- the kernels' thread pool ---------------------------------------------------------------
@@ -265,14 +276,10 @@ def parallel_rows(kernel, *arrays, blocks=None, extras=None, chunked=False) -> l
     if _pool is None:
         from concurrent.futures import ThreadPoolExecutor
         _pool = ThreadPoolExecutor(max(num_threads(), len(blocks)) - 1, thread_name_prefix="tinygrad_lite")
-    libraries = _blas_libraries()
-    before = [get_threads() for get_threads, _ in libraries]
-    for _, set_threads in libraries:
-        set_threads(1)
+    before = _blas_on_one_thread()
     try:
         futures = [_pool.submit(run, i) for i in range(1, len(blocks))]
         first = run(0)  # the calling thread does the first block
         return [first] + [f.result() for f in futures]
     finally:
-        for (_, set_threads), n in zip(libraries, before):
-            set_threads(n)
+        _restore_blas_threads(before)
