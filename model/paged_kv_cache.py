@@ -134,30 +134,29 @@ class PagedBatch:
     def __init__(self, cache: PagedKVCache, segments: Sequence[tuple[Any, Sequence[int], int, int]]) -> None:
         self.cache = cache
         xp = backend.namespace(cache.device)
-        page = cache.page_size
         positions, groups = [], {}
         column = self.end = 0
         for sequence, table, start, n in segments:
             end = start + n
             # sequences with as many new tokens and as long a context run as one attention call
-            members, tables, columns, slots = groups.setdefault((n, end), ([], [], [], []))
-            members.append(sequence)
-            tables.append(table[:-(-end // page)])  # the pages its context spans
+            group = groups.get((n, end))
+            if group is None:
+                group = groups[n, end] = ([], [], [])
+            group[0].append(sequence)
+            group[1].append(table)
             if n == 1:  # (the common case, decoding: one token)
                 positions.append(start)
-                columns.append(column)
-                slots.append(table[start // page] * page + start % page)
+                group[2].append(column)
             else:
                 positions += range(start, end)
-                columns += range(column, column + n)
-                slots += [table[p // page] * page + p % page for p in range(start, end)]  # pool rows
+                group[2].extend(range(column, column + n))
             column += n
             self.end = max(self.end, end)  # one past the furthest position
         self.positions = xp.asarray(positions)
         # (block tables stay lists until a gather needs them: a decode group seldom does)
-        self.groups = {shape: (tuple(members), tables, _as_slice(columns) or xp.asarray(columns), xp.asarray(slots))
-                       for shape, (members, tables, columns, slots) in groups.items()}
-        self.decoding = None  # the groups that go on decoding in their kept copies (set by attend)
+        self.groups = {shape: (tuple(members), tables, _as_slice(columns) or xp.asarray(columns))
+                       for shape, (members, tables, columns) in groups.items()}
+        self.plan = None  # what attend does in every layer (decided in the first one)
 
     def attend(self, layer: int, q, k, v):
         """q, k, v (N, nh, hs) arrays of the packed tokens -> attention output (N, nh, hs).
@@ -176,28 +175,30 @@ class PagedBatch:
         page fills up or the group breaks up (a write-back cache: writing each row twice
         doubled the cache misses of a decode step, ~18 us per layer here).
         """
-        cache, rows, page = self.cache, (-1,) + q.shape[1:], self.cache.page_size
+        cache, rows = self.cache, (-1,) + q.shape[1:]
         kept, gathered, outputs = cache.gathered[layer], {}, []
-        if self.decoding is None:  # (every layer kept the same groups, alike: the first layer's answer holds for all)
-            self.decoding = {members for (n, context), (members, *_) in self.groups.items()
-                             if n == 1 and _can_grow(kept.get(members), context)}
-        decoding = self.decoding
-        for members, old in kept.items():
-            if members not in decoding:  # it stops here: its rows must be in the pages before anyone gathers them
-                self.write_back(layer, old)
-        for (n, context), (members, tables, columns, slots) in self.groups.items():
-            k_new, v_new = k[columns], v[columns]
-            if members not in decoding:  # (a decoding group's new rows reach the pages later: write_back)
+        if self.plan is None:  # (every layer kept the same groups: what to do is decided once a step)
+            self.plan = self._plan(kept)
+        for members in self.plan.stopping:  # their rows must be in the pages before anyone gathers them
+            self.write_back(layer, kept[members])
+        for (members, tables, columns), n, context, slots in self.plan.groups:
+            k_new, v_new = k[columns], v[columns]  # (g n, nh, hs)
+            if slots is None:  # decoding: one new row each, into last step's copy (the pages get it later: write_back)
+                group = kept[members]
+                group.keys[:, :, context - 1] = k_new  # (g, nh, hs)
+                group.values[:, :, context - 1] = v_new
+                group.context, group.tables = context, tables  # (its tables may have a new page)
+                if context % cache.page_size == 0:  # a page is full: into the pool with it
+                    self.write_back(layer, group)  # (the prefix cache may share it)
+            else:
                 cache.k[layer].reshape(rows)[slots] = k_new  # the pool seen as one row per slot: a view
                 cache.v[layer].reshape(rows)[slots] = v_new
-            keys, values = self.group_keys(layer, kept.get(members), tables, n, context, k_new, v_new)
-            group = Gathered(context, keys, values, tables, kept[members].written if members in decoding else context)
-            if group.written < context and context % page == 0:  # a page is full: into the pool with it
-                group = group._replace(written=self.write_back(layer, group))  # (the prefix cache may share it)
+                group = self.grown(kept.get(members), tables, n, context, k_new, v_new) or self.gathered_afresh(
+                    layer, tables, context)
             gathered[members] = group
             queries = q[columns].reshape(len(tables), n, *rows[1:]).transpose(0, 2, 1, 3)  # (g, nh, n, hs)
             # (wrapped without a copy or checks: these are the model's own arrays)
-            keys, values = keys[:, :, :context], values[:, :, :context]
+            keys, values = group.keys[:, :, :context], group.values[:, :, :context]
             out = F.scaled_dot_product_attention(*map(Tensor._from_array, (queries, keys, values)), causal=True)
             outputs.append((columns, out.data.transpose(0, 2, 1, 3).reshape(rows)))  # (g n, nh, hs)
         cache.gathered[layer] = gathered  # only this step's groups are worth keeping
@@ -208,55 +209,87 @@ class PagedBatch:
             y[columns] = out
         return y
 
-    def group_keys(self, layer: int, kept: "Gathered | None", tables, n: int, context: int, k_new, v_new):
-        """A group's gathered keys and values (g, nh, room >= context, hs) with its n new
-        tokens' (g n, nh, hs): last step's `kept` ones grown, or gathered afresh from the
-        pages (which then hold the new tokens already)."""
-        xp, page = backend.xp_of(k_new), self.cache.page_size
+    def slots(self, tables, start: int, end: int):
+        """The pool rows (pages seen as one row per slot) of positions start .. end-1 of
+        each table's sequence: (g (end - start),)."""
+        page = self.cache.page_size
+        return backend.xp_of(self.cache.k[0]).asarray(
+            [table[p // page] * page + p % page for table in tables for p in range(start, end)])
+
+    def _plan(self, kept: dict) -> "StepPlan":
+        """Which groups decode one more row into last step's copy (the others write their
+        new rows to these pool rows), and which kept groups stop here (read from the first
+        layer's kept groups: every layer has the same)."""
+        groups = [(group, n, context, None if n == 1 and _can_grow(kept.get(group[0]), context)
+                   else self.slots(group[1], context - n, context)) for (n, context), group in self.groups.items()]
+        decoding = {group[0] for group, _, _, slots in groups if slots is None}
+        return StepPlan(groups, [members for members in kept if members not in decoding])
+
+    def grown(self, kept: "Gathered | None", tables, n: int, context: int, k_new, v_new) -> "Gathered | None":
+        """Last step's gathered group with its n new rows each (g n, nh, hs) added, if it
+        goes on to `context` positions (a prefill chunk after the one before); else None."""
+        if not _can_grow(kept, context, n):
+            return None
         g, nh, hs = len(tables), self.cache.n_head, self.cache.head_size
-        if _can_grow(kept, context, n):
-            for buffer, new in ((kept.keys, k_new), (kept.values, v_new)):  # (g n, nh, hs) -> (g, nh, n, hs)
-                buffer[:, :, context - n:context] = new.reshape(g, n, nh, hs).transpose(0, 2, 1, 3)
-            return kept.keys, kept.values
+        for buffer, new in ((kept.keys, k_new), (kept.values, v_new)):  # (g n, nh, hs) -> (g, nh, n, hs)
+            buffer[:, :, context - n:context] = new.reshape(g, n, nh, hs).transpose(0, 2, 1, 3)
+        kept.context = kept.written = context  # (the pages hold the new rows too)
+        kept.tables = tables
+        return kept
+
+    def gathered_afresh(self, layer: int, tables, context: int) -> "Gathered":
+        """A group's keys and values gathered from its pages (which hold all of them), with
+        room to grow for the next steps."""
+        pool, page = self.cache.k[layer], self.cache.page_size
+        g, nh, hs = len(tables), self.cache.n_head, self.cache.head_size
         room = -(-(context + 8 * page) // page) * page  # capacity for the next steps too
-        keys, values = (xp.empty((g, nh, room, hs), dtype=k_new.dtype) for _ in range(2))
+        keys, values = (backend.xp_of(pool).empty((g, nh, room, hs), dtype=pool.dtype) for _ in range(2))
         keys[:, :, :context] = self.gather(self.cache.k[layer], tables, context)
         values[:, :, :context] = self.gather(self.cache.v[layer], tables, context)
-        return keys, values
+        return Gathered(context, keys, values, tables, context)
 
     def gather(self, pool, tables, context: int):
         """The first `context` keys (or values) of each table's pages: (g, nh, context, hs).
         A copy: NumPy has no matmul that reads pages where they lie."""
         xp, g, nh, hs = backend.xp_of(pool), len(tables), self.cache.n_head, self.cache.head_size
         # NOTE: take(), not pool[tables]: NumPy's fancy indexing by a 2-D index was ~20x slower
-        pages = xp.take(pool, xp.asarray(tables), axis=0)  # (g, pages, page_size, nh, hs)
+        spanned = -(-context // self.cache.page_size)  # the pages its context spans
+        pages = xp.take(pool, xp.asarray([table[:spanned] for table in tables]), axis=0)  # (g, pages, page_size, nh, hs)
         return pages.reshape(g, -1, nh, hs)[:, :context].transpose(0, 2, 1, 3)
 
-    def write_back(self, layer: int, group: "Gathered") -> int:
-        """Copy a decoding group's rows that only its gathered copy holds into their pages;
-        returns how many positions the pages now hold. Those rows lie in one page: the
-        pages are written whenever one fills up."""
-        context, keys, values, tables, written = group
+    def write_back(self, layer: int, group: "Gathered") -> None:
+        """Copy a decoding group's rows that only its gathered copy holds into their pages.
+        Those rows lie in one page: the pages are written whenever one fills up."""
+        context, written = group.context, group.written
         if written < context:
             page = self.cache.page_size
             index = (context - 1) // page
-            ids = backend.xp_of(keys).asarray([table[index] for table in tables])
+            ids = backend.xp_of(group.keys).asarray([table[index] for table in group.tables])
             first, last = written - index * page, context - index * page
-            for pool, buffer in ((self.cache.k[layer], keys), (self.cache.v[layer], values)):
+            for pool, buffer in ((self.cache.k[layer], group.keys), (self.cache.v[layer], group.values)):
                 pool[ids, first:last] = buffer[:, :, written:context].transpose(0, 2, 1, 3)  # (g, rows, nh, hs)
-        return context
+            group.written = context
 
 
-class Gathered(NamedTuple):
+class Gathered:
     """A group's keys and values, gathered contiguous per head and kept for the next step."""
 
-    context: int  # positions they hold
-    keys: Any  # (g, nh, room, hs), room >= context
-    values: Any
-    tables: list  # the members' block tables (write_back finds the pages there)
-    written: int  # positions the pages hold too (the rest wait in this copy: write_back)
+    __slots__ = ("context", "keys", "values", "tables", "written")
+
+    def __init__(self, context: int, keys, values, tables: list, written: int) -> None:
+        self.context = context  # positions they hold
+        self.keys, self.values = keys, values  # (g, nh, room, hs), room >= context
+        self.tables = tables  # the members' block tables (write_back finds the pages there)
+        self.written = written  # positions the pages hold too (the rest wait in this copy: write_back)
 
 
-def _can_grow(kept: tuple | None, context: int, n: int = 1) -> bool:
+class StepPlan(NamedTuple):
+    """What PagedBatch.attend does in every layer of one step."""
+
+    groups: list  # ((members, tables, columns), n, context, pool rows of the new tokens or None: decoding)
+    stopping: list  # last step's kept groups that do not decode on: their rows go to the pages
+
+
+def _can_grow(kept: "Gathered | None", context: int, n: int = 1) -> bool:
     """Does last step's gathered group go on to `context` positions with n new ones?"""
     return kept is not None and kept.context == context - n and kept.keys.shape[2] >= context
