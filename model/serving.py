@@ -229,19 +229,16 @@ class Engine:
     def _schedule(self) -> list[tuple[Request, int]]:
         """Which requests compute how many tokens this step: the running ones first (oldest
         first), then waiting ones while there is room in the batch, the budget and the pool."""
-        budget, batch, page = self.max_step_tokens, [], self.page_size
-        preempted: set[int] = set()
+        budget, batch = self.max_step_tokens, []
         for request in list(self.running):
-            if request.id in preempted:  # preempted below, to make room for an older one
+            if request not in self.running:  # preempted below, to make room for an older one
                 continue
             n = min(len(request.tokens) - request.num_cached, budget)
             if n == 0:  # an older sequence's prefill chunk took the whole budget: next step
                 continue
-            # (most decode steps: the last page has room, and nothing is reserved)
-            while request.num_cached + n > len(request.pages) * page and not self._reserve(request, n):
+            while not self._reserve(request, n):
                 victim = self.running[-1]  # the newest
                 self._preempt(victim)
-                preempted.add(victim.id)
                 if victim is request:
                     break
             else:
@@ -273,7 +270,7 @@ class Engine:
     def _reserve(self, request: Request, n: int) -> bool:
         """Pages for the request's first num_cached + n tokens, if the pool has them."""
         needed = -(-(request.num_cached + n) // self.page_size) - len(request.pages)
-        if needed <= 0:
+        if needed <= 0:  # (most decode steps: the last page has room)
             return True
         if needed > self.pool.num_free:
             return False
