@@ -119,7 +119,7 @@ class GPT(nn.Module):
                 p.data = p.xp.zeros_like(p.data)
             elif name.startswith("h.") and name.endswith(".weight") and ".ln_" not in name:
                 std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj.weight") else 0.02
-                p.data = backend.randn(p.shape, device, std=std)
+                p.data = backend.in_layout_of(backend.randn(p.shape, device, std=std), p.data)  # (Linear's layout)
             elif name in ("wte.weight", "wpe.weight"):
                 p.data = backend.randn(p.shape, device, std=0.02)
 

@@ -142,8 +142,8 @@ def load_hf_dir(directory: Path, dropout: float = 0.0) -> GPT:
                     raise PretrainedError(f"{directory / WEIGHTS}: {key!r} has shape {tuple(value.shape)}, "
                                           f"expected {expected}")
                 if conv1d:
-                    value = value.T  # Conv1D (in, out) -> Linear (out, in)
-                p.data = backend.asarray(np.ascontiguousarray(value, dtype=np.float32), p.device)
+                    value = value.T  # Conv1D (in, out) -> Linear (out, in): a view, column-major as Linear keeps W
+                p.data = backend.in_layout_of(backend.asarray(np.asarray(value, dtype=np.float32), p.device), p.data)
                 seen.add(name)
     except PretrainedError:
         raise

@@ -132,6 +132,41 @@ def test_linear():
     assert len(Linear(5, 3, bias=False).parameters()) == 1
 
 
+def test_linear_keeps_its_weight_column_major_through_loads_gradients_and_the_optimizer():
+    """Linear stores W column-major (its docstring says why). Every array the optimizer combines
+    with W elementwise must be laid out alike, or the update runs 10-20x slower: a check on
+    each place that makes one (the kernel's gradient, a load, the moments, their reload)."""
+    from model.gpt import GPT, GPTConfig
+    manual_seed(0)
+    assert backend.column_major(Linear(5, 3).weight.data)
+    model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8))
+    weights = [p for name, p in model.named_parameters() if p.ndim == 2 and name.startswith("h.")]
+    assert weights and all(backend.column_major(p.data) for p in weights)
+    row_major = {name: np.ascontiguousarray(value) for name, value in model.state_dict().items()}
+    model.load_state_dict(row_major)  # a checkpoint's arrays are row-major
+    assert all(backend.column_major(p.data) for p in weights)
+    np.testing.assert_array_equal(model.state_dict()["h.0.mlp.c_fc.weight"], row_major["h.0.mlp.c_fc.weight"])
+    ids = np.random.default_rng(0).integers(0, 11, (2, 8))
+    for tier in ("primitive", "fused", "fast"):
+        with F.ops_tier(tier):
+            model.zero_grad()
+            model(ids, ids)[1].backward()
+        assert all(backend.column_major(p.grad) for p in weights), tier
+    opt = optim.AdamW(model.parameters(), lr=1e-3)
+    opt.step()
+    moments = [opt.state[id(p)][name] for p in weights for name in ("exp_avg", "exp_avg_sq")]
+    assert all(backend.column_major(m) for m in moments)
+    fresh = optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict({**opt.state_dict(), "buffers": {k: np.ascontiguousarray(v)
+                                                           for k, v in opt.state_dict()["buffers"].items()}})
+    assert all(backend.column_major(fresh.state[id(p)]["exp_avg"]) for p in weights)
+    for a in (np.arange(12.0).reshape(3, 4), np.asfortranarray(np.arange(12.0).reshape(3, 4))):
+        flat = backend.flatten(a)  # memory order: a view, never a copy
+        assert np.shares_memory(flat, a)
+        np.testing.assert_array_equal(backend.unflatten(flat, a), a)
+        assert backend.column_major(backend.unflatten(flat, a)) == backend.column_major(a)
+
+
 def test_embedding():
     table = Embedding(10, 4)
     assert table.weight.shape == (10, 4)

@@ -92,6 +92,8 @@ def test_the_conv1d_transpose_matters(gpt2_dir):
     and the square c_proj read without it gives other logits."""
     weights, config = folder_weights(gpt2_dir)
     model = GPT.from_pretrained(gpt2_dir)
+    # Conv1D's (in, out) is the memory of Linear's column-major (out, in) W: loaded as it lies
+    assert all(backend.column_major(block.attn.c_attn.weight.data) for block in model.h)
     wrong = {**weights, "h.0.attn.c_proj.weight": weights["h.0.attn.c_proj.weight"].T.copy()}
     assert np.abs(our_logits(model, IDS) - reference_logits(wrong, config, IDS)).max() > 1e-2
     save_file({**weights, "h.0.attn.c_attn.weight": weights["h.0.attn.c_attn.weight"].T.copy()},

@@ -163,26 +163,27 @@ class GradientSync:
 
     def broadcast_weights(self, root: int = 0) -> None:
         for lo, hi in self.buckets:
-            flat = self.xp.concatenate([p.data.reshape(-1) for p in self.params[lo:hi]]).astype("float32")
+            # (in memory order: a column-major weight goes as it lies, and comes back so)
+            flat = self.xp.concatenate([backend.flatten(p.data) for p in self.params[lo:hi]]).astype("float32")
             self.comm.broadcast(flat, root)
             offset = 0
             for p in self.params[lo:hi]:
-                p.data = flat[offset:offset + p.size].reshape(p.shape).astype(p.dtype)
+                p.data = backend.unflatten(flat[offset:offset + p.size], p.data).astype(p.dtype)
                 offset += p.size
 
     def allreduce(self, extras: list[float] = ()) -> list[float]:
         """Sum every rank's .grad (in place) and the extras; returns the summed extras."""
         summed = []
         for b, (lo, hi) in enumerate(self.buckets):
-            parts = [p.grad.reshape(-1) if p.grad is not None else self.xp.zeros(p.size, dtype="float32")
-                     for p in self.params[lo:hi]]
+            parts = [backend.flatten(backend.in_layout_of(p.grad, p.data)) if p.grad is not None
+                     else self.xp.zeros(p.size, dtype="float32") for p in self.params[lo:hi]]
             if b == len(self.buckets) - 1:  # the extras ride in the last bucket
                 parts.append(self.xp.asarray(list(extras) or [0.0], dtype="float32"))
             flat = self.xp.concatenate(parts).astype("float32")
             self.comm.allreduce(flat)
             offset = 0
             for p, size in zip(self.params[lo:hi], self.sizes[lo:hi]):
-                p.grad = flat[offset:offset + size].reshape(p.shape)
+                p.grad = backend.unflatten(flat[offset:offset + size], p.data)  # (each rank's weights alike)
                 offset += size
             if b == len(self.buckets) - 1:
                 summed = [float(v) for v in backend.to_numpy(flat[offset:])][:len(extras)]

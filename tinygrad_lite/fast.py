@@ -16,7 +16,7 @@ runs the fused op itself. Later CUDA kernels belong in this layer too.
 """
 from __future__ import annotations
 
-from .backend import scatter_add, xp_of
+from .backend import column_major, scatter_add, xp_of
 from .cpu import CHUNK_ELEMENTS, PARALLEL_MIN_SIZE, parallel_rows, small_matmul
 from .fast_attention import FastAttention, FastPackedAttention
 from .fused import GELU_C, FusedLinear, cross_entropy, dropout, log_softmax  # noqa: F401  (this tier's too)
@@ -184,23 +184,30 @@ class FastLayerNorm(Function):
 
 # --- linear --------------------------------------------------------------------------------
 
-SMALL_ROWS = 256  # up to this many rows, (W x^T)^T is the faster product (measured below)
+SMALL_ROWS = 256  # up to this many rows, (W x^T)^T is the faster product for a row-major W (measured below)
 
 
 class FastLinear(Function):
-    """FusedLinear, with the product of few rows (a decoded token) as (W x^T)^T.
+    """FusedLinear, with the product of few rows (a decoded token) chosen by W's layout.
 
-    NOTE: OpenBLAS packs the transposed operand of x W^T, all of W, on every call; W x^T
-    packs the few rows instead. Measured (2 threads, K = 128, N = 384): 8 rows 41 -> 21 us,
-    256 rows 179 -> 162 us; from ~768 rows on x W^T is faster again. The few rows' product
-    runs on one BLAS thread (cpu.small_matmul).
+    NOTE: OpenBLAS repacks a transposed operand on every call. nn.Linear keeps W
+    column-major, so W^T is a row-major matrix and x W^T repacks nothing: the fast
+    product at every size, a few rows on one BLAS thread (cpu.small_matmul; one row is a
+    matrix-vector product, which OpenBLAS splits well). For a row-major W (the tied
+    output head's embedding, or an array someone put in a weight), x W^T repacks all of W;
+    (W x^T)^T packs the few rows instead. Measured (2 threads, K = 128, N = 384): 8 rows
+    41 -> 21 us, 256 rows 179 -> 162 us; from ~768 rows on x W^T is faster again.
+    Column-major W, 8 rows: 6-10 us (2-core Xeon VM).
     """
 
     def forward(self, x, weight, bias=None):
         xp = xp_of(x)
         self.x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         self.weight, self.has_bias, self.in_shape = weight, bias is not None, x.shape
-        if self.x2d.shape[0] <= SMALL_ROWS:
+        rows = self.x2d.shape[0]
+        if column_major(weight):  # W^T row-major: (N, in) @ (in, out) as it lies
+            out = small_matmul(self.x2d, weight.T) if 1 < rows <= SMALL_ROWS else self.x2d @ weight.T
+        elif rows <= SMALL_ROWS:
             out = xp.ascontiguousarray(small_matmul(weight, self.x2d.T).T)  # (N, out)
         else:
             out = self.x2d @ weight.T

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from .backend import device_of, rand, scatter_add, xp_of
+from .backend import column_major, device_of, rand, scatter_add, xp_of
 from .fused_attention import FusedAttention
 from .tensor import Function
 
@@ -149,7 +149,9 @@ class FusedLinear(Function):
     def backward(self, grad):
         g2d = grad.reshape(-1, grad.shape[-1])  # (N, out)
         dx = (g2d @ self.weight).reshape(self.in_shape) if self.needs_grad[0] else None
-        dw = g2d.T @ self.x2d if self.needs_grad[1] else None
+        dw = None
+        if self.needs_grad[1]:  # (in the weight's layout: the optimizer combines them elementwise)
+            dw = (self.x2d.T @ g2d).T if column_major(self.weight) else g2d.T @ self.x2d
         db = g2d.sum(axis=0) if self.has_bias and self.needs_grad[2] else None
         return dx, dw, db
 
