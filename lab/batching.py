@@ -41,7 +41,7 @@ from model import serving  # noqa: E402
 from model.serving import Engine  # noqa: E402
 
 MODEL = dict(vocab_size=65, block_size=1024, n_layer=4, n_head=4, n_embd=128)
-FULL = dict(same_work_prompt=64, same_work_new=64, same_work_repeats=9, n=32, prompt=(32, 96), new=48,
+FULL = dict(same_work_prompt=64, same_work_new=64, same_work_repeats=21, n=32, prompt=(32, 96), new=48,
             batch_sizes=[1, 2, 4, 8, 16, 32], rates=[5.0, 20.0, 50.0, 100.0, 200.0], arrivals_n=64, arrivals_batch=16,
             shared_n=16, system=200, question=(10, 30), shared_new=24)
 QUICK = dict(same_work_prompt=16, same_work_new=8, same_work_repeats=2, n=6, prompt=(8, 16), new=6,
