@@ -139,17 +139,15 @@ class PagedBatch:
         for sequence, table, start, n in segments:
             end = start + n
             # sequences with as many new tokens and as long a context run as one attention call
-            group = groups.get((n, end))
-            if group is None:
-                group = groups[n, end] = ([], [], [])
-            group[0].append(sequence)
-            group[1].append(table)
+            members, tables, columns = groups.setdefault((n, end), ([], [], []))
+            members.append(sequence)
+            tables.append(table)  # (a gather takes the pages its context spans)
             if n == 1:  # (the common case, decoding: one token)
                 positions.append(start)
-                group[2].append(column)
+                columns.append(column)
             else:
                 positions += range(start, end)
-                group[2].extend(range(column, column + n))
+                columns += range(column, column + n)
             column += n
             self.end = max(self.end, end)  # one past the furthest position
         self.positions = xp.asarray(positions)
@@ -244,7 +242,7 @@ class PagedBatch:
         g, nh, hs = len(tables), self.cache.n_head, self.cache.head_size
         room = -(-(context + 8 * page) // page) * page  # capacity for the next steps too
         keys, values = (backend.xp_of(pool).empty((g, nh, room, hs), dtype=pool.dtype) for _ in range(2))
-        keys[:, :, :context] = self.gather(self.cache.k[layer], tables, context)
+        keys[:, :, :context] = self.gather(pool, tables, context)
         values[:, :, :context] = self.gather(self.cache.v[layer], tables, context)
         return Gathered(context, keys, values, tables, context)
 

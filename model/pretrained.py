@@ -143,7 +143,7 @@ def load_hf_dir(directory: Path, dropout: float = 0.0) -> GPT:
                                           f"expected {expected}")
                 if conv1d:
                     value = value.T  # Conv1D (in, out) -> Linear (out, in): a view, column-major as Linear keeps W
-                p.data = backend.in_layout_of(backend.asarray(np.asarray(value, dtype=np.float32), p.device), p.data)
+                p.data = backend.in_layout_of(backend.asarray(value, p.device, np.float32), p.data)
                 seen.add(name)
     except PretrainedError:
         raise

@@ -326,7 +326,7 @@ class Engine:
             if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
                 wanted.append(len(ids) - 1)
                 due.append(request)
-        device = self.cache.device
+        device = self.model.wte.weight.device
         view = PagedBatch(self.cache, segments)
         columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)

@@ -128,7 +128,8 @@ def test_threads_limits_blas_and_the_kernels_and_restores():
 
 def test_a_small_product_of_several_rows_runs_on_one_blas_thread(monkeypatch):
     """cpu.small_matmul: the same product, with BLAS on one thread while it runs and its
-    thread count given back after; a one-column product (gemv) and a big one are untouched."""
+    thread count given back after; a one-column or one-row product (gemv) and a big one are
+    untouched."""
     class FakeBlas:  # records what small_matmul asks of a BLAS library
         def __init__(self):
             self.threads, self.calls = 2, []
@@ -150,6 +151,10 @@ def test_a_small_product_of_several_rows_runs_on_one_blas_thread(monkeypatch):
             np.testing.assert_array_equal(cpu.small_matmul(w, x), w @ x)
             assert blas.calls == ([1, 2] if one_thread else []), columns
             assert blas.threads == 2
+        blas.calls.clear()
+        row = rng.standard_normal((1, 512)).astype(np.float32)  # one row times a matrix: a gemv too
+        np.testing.assert_array_equal(cpu.small_matmul(row, w), row @ w)
+        assert blas.calls == []
     with cpu.threads(1):  # one thread anyway: nothing to switch
         blas.calls.clear()
         cpu.small_matmul(w, x[:, :8])

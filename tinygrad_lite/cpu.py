@@ -182,17 +182,17 @@ ONE_THREAD_MACS = 1 << 21  # multiply-adds up to which a product of several rows
 
 
 def small_matmul(a, b):
-    """a (m, k) @ b (k, n) for a small product: with BLAS on one thread when n > 1 and it
-    is at most ONE_THREAD_MACS multiply-adds.
+    """a (m, k) @ b (k, n) for a small product: with BLAS on one thread when m > 1 and
+    n > 1 and it is at most ONE_THREAD_MACS multiply-adds.
 
     NOTE: OpenBLAS splits a product of a few columns (W x^T for 8 x 128 rows x and a
     512 x 128 W: a decoded token of 8 sequences) over its threads, and waking the other
     thread costs more than the product: 19 -> 30 us on the 2-core VM; decoding 8 sequences
-    went 1.04 -> 0.74 ms a token with it on one thread. A one-column product (gemv, one
-    sequence) is left alone: OpenBLAS splits a big one usefully, as it does products over
-    ONE_THREAD_MACS, which two threads win.
+    went 1.04 -> 0.74 ms a token with it on one thread. A matrix-vector product (one row
+    or one column: one sequence) is left alone: OpenBLAS splits a big one usefully, as it
+    does products over ONE_THREAD_MACS, which two threads win.
     """
-    if not (b.shape[-1] > 1 and a.size * b.shape[-1] <= ONE_THREAD_MACS and isinstance(a, numpy.ndarray)
+    if not (min(a.shape[0], b.shape[-1]) > 1 and a.size * b.shape[-1] <= ONE_THREAD_MACS and isinstance(a, numpy.ndarray)
             and num_threads() > 1):
         return a @ b
     before = _blas_on_one_thread()

@@ -204,10 +204,9 @@ class FastLinear(Function):
         xp = xp_of(x)
         self.x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         self.weight, self.has_bias, self.in_shape = weight, bias is not None, x.shape
-        rows = self.x2d.shape[0]
         if column_major(weight):  # W^T row-major: (N, in) @ (in, out) as it lies
-            out = small_matmul(self.x2d, weight.T) if 1 < rows <= SMALL_ROWS else self.x2d @ weight.T
-        elif rows <= SMALL_ROWS:
+            out = small_matmul(self.x2d, weight.T)
+        elif self.x2d.shape[0] <= SMALL_ROWS:
             out = xp.ascontiguousarray(small_matmul(weight, self.x2d.T).T)  # (N, out)
         else:
             out = self.x2d @ weight.T

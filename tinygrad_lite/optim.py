@@ -206,7 +206,8 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> float:
         raise ValueError(f"max_norm must be > 0, got {max_norm}")
     grads = [p for p in params if p.grad is not None]
     # vdot: one BLAS pass, no temporary (flatten: in memory order, so a column-major gradient is not copied)
-    total = math.sqrt(sum(float(p.xp.vdot(*[backend.flatten(p.grad)] * 2)) for p in grads))
+    flat = [backend.flatten(p.grad) for p in grads]
+    total = math.sqrt(sum(float(p.xp.vdot(g, g)) for p, g in zip(grads, flat)))
     scale = max_norm / (total + 1e-6)
     if scale < 1.0:
         for p in grads:
