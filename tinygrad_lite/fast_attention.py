@@ -117,16 +117,17 @@ TILE_SCORES = 1 << 18  # scores one tile holds over all its heads, at head size 
 
 def tile_size(heads: int, head_size: int) -> int:
     """Queries and keys per tile, for `heads` (batch x heads) score matrices side by side:
-    the largest power of two from 32 to 256 whose tiles hold at most TILE_SCORES x 32 /
-    head_size scores. Fewer heads, wider tiles: each NumPy call then does more work, which
-    matters most when two threads share Python's lock. Measured (2-core Xeon, medians of 5
-    alternating runs, ms, tiles of 64 / 128 / 256; the heads of one thread's block):
-    prefill 1 x 1008 by heads (2 x 32) 29.7 / 13.1 / 7.8; prefill 8 x 1008 (16 x 32)
-    64.8 / 47.9 / 60.6; training 4 x 512 x 8 heads (16 x 32), forward + backward
-    52.6 / 44.2 / 52.7; 8 x 256 x 6 heads (24 x 64) 33.0 / 34.5 / 43.7."""
+    the largest power of two from 32 to 128 whose tiles hold at most TILE_SCORES x 32 /
+    head_size scores (a tile's scores and its rows of q, k, v stay in a core's L2 cache).
+    Measured with the bounded kernel (2-core Xeon VM, 2 threads, the fast tier's packed
+    attention, medians of 5 alternating runs, ms, tiles of 64 / 128 / 256): prefill
+    1 x 1008 x 4 heads of 32 (2 heads a thread) 6.90 / 3.51 / 3.58; prefill 8 x 1008 x 4
+    heads (16 a thread) 21.9 / 20.0 / 26.9; training 4 x 512 x 8 heads of 32 (16 a
+    thread), forward + backward, 25.9 / 22.7 / 30.8; 8 x 256 x 6 heads of 64 (24 a thread)
+    21.4 / 23.0 / 29.8."""
     budget = TILE_SCORES * 32 // (head_size * max(1, heads))
     tile = 32
-    while tile < 256 and (2 * tile) ** 2 <= budget:
+    while tile < 128 and (2 * tile) ** 2 <= budget:
         tile *= 2
     return tile
 
@@ -147,16 +148,93 @@ def _diagonal_mask(masks: dict, i0: int, i1: int, j0: int, j1: int, offset: int,
     return mask
 
 
+SHIFT_LIMIT = 40.0  # largest row bound the bounded kernel takes: exp(-2 x 40) is still a normal float32
+
+
+def row_bounds(q, k):
+    """(..., Tq): for each query row, scale |q_i| max_j |k_j|, which no score of the row
+    exceeds (Cauchy-Schwarz: |q . k| <= |q| |k|)."""
+    xp = xp_of(q)
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    key_norm = xp.sqrt((k * k).sum(axis=-1).max(axis=-1))  # (...)
+    return xp.sqrt((q * q).sum(axis=-1)) * (key_norm[..., None] * scale)
+
+
 def blocked_forward(q, k, v, tile: int, out=None):
     """Causal attention in tiles; returns (out, saved) with saved the per-row log-sum-exp.
+
+    Key tiles wholly after the query tile are skipped (about half the work) and only a
+    tile crossing the diagonal is masked. A softmax subtracts a per-row shift from the
+    scores before exp (any shift gives the same probabilities; it only keeps exp from
+    overflowing). When every row's bound (`row_bounds`) is at most SHIFT_LIMIT, that
+    bound is the shift: known before any tile is computed, so each tile is final at
+    once (`_bounded_forward`). Otherwise the shift is the row's running max, updated
+    tile by tile (`_online_forward`, FlashAttention's online softmax).
+    """
+    bounds = row_bounds(q, k)
+    if float(bounds.max()) <= SHIFT_LIMIT:
+        return _bounded_forward(q, k, v, tile, bounds, out)
+    return _online_forward(q, k, v, tile, out)
+
+
+def _with_column(a, value, transpose: bool = False, scale=None):
+    """a (..., T, D) (times `scale`, if given) -> (..., T, D + 1) with `value` ((..., T) or
+    a number) as its last column; transposed (..., D + 1, T) when asked. The extra column
+    lets one matmul also add a per-row number: [a, x] @ [b, 1]^T = a b^T + x."""
+    xp = xp_of(a)
+    shape = a.shape[:-2] + ((a.shape[-1] + 1, a.shape[-2]) if transpose else (a.shape[-2], a.shape[-1] + 1))
+    joined = xp.empty(shape, dtype=a.dtype)
+    body, column = (joined[..., :-1, :], joined[..., -1, :]) if transpose else (joined[..., :-1], joined[..., -1])
+    a = xp.swapaxes(a, -1, -2) if transpose else a
+    if scale is None:
+        body[...] = a
+    else:
+        xp.multiply(a, scale, out=body)
+    column[...] = value
+    return joined
+
+
+def _bounded_forward(q, k, v, tile: int, shift, out=None):
+    """The tiles with a fixed shift per row (`shift` (..., Tq), every score <= it and every
+    score >= -it, so exp(s - shift) lies in [exp(-2 SHIFT_LIMIT), 1]: no overflow and no
+    underflow). Then no tile waits for a later one, and each needs two matmuls and one exp:
+      [q scale, -shift] @ [k, 1]^T = s - shift;  exp;  exp(s - shift) @ [v, 1] = (P v, row sum),
+    the extra columns folding the subtraction and the row sum into the matmuls."""
+    xp = xp_of(q)
+    Tq, Tk, Dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    offset, scale = Tk - Tq, q.dtype.type(1.0 / math.sqrt(q.shape[-1]))  # query i sits at position i + offset
+    out = xp.empty(q.shape[:-1] + (Dv,), dtype=q.dtype) if out is None else out
+    lse = xp.empty(q.shape[:-1], dtype=q.dtype)
+    queries = _with_column(q, -shift, scale=scale)  # (..., Tq, D + 1)
+    keys_t, values = _with_column(k, 1, transpose=True), _with_column(v, 1)  # (..., D + 1, Tk), (..., Tk, Dv + 1)
+    scores = xp.empty(q.shape[:-2] + (tile, tile), dtype=q.dtype)  # one tile's s - shift, reused
+    masks: dict = {}
+    for i0 in range(0, Tq, tile):
+        i1 = min(i0 + tile, Tq)
+        acc = None  # (..., bq, Dv + 1): the tiles' P v so far, and their row sums in the last column
+        for j0 in range(0, min(i1 + offset, Tk), tile):  # the key tiles this query tile can see
+            j1 = min(j0 + tile, Tk)
+            s = scores[..., :i1 - i0, :j1 - j0]
+            xp.matmul(queries[..., i0:i1, :], keys_t[..., j0:j1], out=s)  # s - shift
+            if j1 - 1 > i0 + offset:  # crosses the diagonal: hide the future
+                s += _diagonal_mask(masks, i0, i1, j0, j1, offset, s.dtype, xp)
+            xp.exp(s, out=s)  # this tile's probabilities, unnormalised
+            part = s @ values[..., j0:j1, :]
+            acc = part if acc is None else xp.add(acc, part, out=acc)
+        xp.divide(acc[..., :Dv], acc[..., Dv:], out=out[..., i0:i1, :])
+        lse[..., i0:i1] = xp.log(acc[..., Dv]) + shift[..., i0:i1]  # log sum exp of the row's scores
+    return out, ("blocked", q, k, v, out, lse, tile)
+
+
+def _online_forward(q, k, v, tile: int, out=None):
+    """The tiles with the running row max as the shift (for scores too large to bound).
 
     For each tile of queries, the key tiles it can see, left to right, with an online
     softmax: the running row max m, the running sum l of exp(s - m), and the output
     accumulated unnormalised; a new tile with a larger max rescales both by exp(m_old -
-    m_new). Key tiles wholly after the query tile are skipped: about half the work. Only
-    a tile crossing the diagonal is masked. Each tile's scores are stored keys first,
-    (bk, ..., bq), as the whole-matrix kernel does: the max and sum over the keys are then
-    elementwise passes, not short row reductions.
+    m_new). Each tile's scores are stored keys first, (bk, ..., bq), as the whole-matrix
+    kernel does: the max and sum over the keys are then elementwise passes, not short
+    row reductions.
     """
     xp = xp_of(q)
     Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
@@ -201,30 +279,32 @@ def blocked_forward(q, k, v, tile: int, out=None):
 # with P = exp(S - lse) (each tile recomputed from the saved lse), O = P v:
 # dv = P^T dO;  dS = P * (dO v^T - rowsum(dO * O));  dq = dS k * scale;  dk = dS^T q * scale
 def blocked_backward(grad, saved):
+    """grad (..., Tq, Dv) -> dq, dk, dv. Each tile's two per-row subtractions ride in its
+    matmuls as an extra column (`_with_column`): [q scale, -lse] @ [k, 1]^T = S - lse and
+    [dO, -rowsum(dO * O)] @ [v, 1]^T = dP - rowsum(dO * O)."""
     _, q, k, v, out, lse, tile = saved
     xp = xp_of(grad)
     Tq, Tk, D = q.shape[-2], k.shape[-2], q.shape[-1]
     offset, scale = Tk - Tq, q.dtype.type(1.0 / math.sqrt(D))
     dq, dk, dv = xp.zeros_like(q), xp.zeros_like(k), xp.zeros_like(v)
-    row_dot = (grad * out).sum(axis=-1, keepdims=True)  # (..., Tq, 1): rowsum(dO * O) = sum over keys of dP * P
+    queries = _with_column(q, -lse, scale=scale)  # (..., Tq, D + 1); queries[..., :D] is q scale
+    grads = _with_column(grad, -xp.einsum("...d,...d->...", grad, out))  # (..., Tq, Dv + 1)
+    keys_t, values_t = _with_column(k, 1, transpose=True), _with_column(v, 1, transpose=True)  # (..., D/Dv + 1, Tk)
     masks: dict = {}
     for i0 in range(0, Tq, tile):
         i1 = min(i0 + tile, Tq)
-        q_tile, g_tile = q[..., i0:i1, :] * scale, grad[..., i0:i1, :]
-        lse_tile, dot_tile = lse[..., i0:i1, None], row_dot[..., i0:i1, :]
+        q_tile, g_tile = queries[..., i0:i1, :], grads[..., i0:i1, :]
         for j0 in range(0, min(i1 + offset, Tk), tile):
             j1 = min(j0 + tile, Tk)
-            p = q_tile @ xp.swapaxes(k[..., j0:j1, :], -1, -2)  # the scores again ...
+            p = q_tile @ keys_t[..., j0:j1]  # the scores again, less the saved lse ...
             if j1 - 1 > i0 + offset:
                 p += _diagonal_mask(masks, i0, i1, j0, j1, offset, p.dtype, xp)
-            p -= lse_tile
-            xp.exp(p, out=p)  # ... and their probabilities, from the saved statistics
-            dv[..., j0:j1, :] += xp.swapaxes(p, -1, -2) @ g_tile
-            ds = g_tile @ xp.swapaxes(v[..., j0:j1, :], -1, -2)  # dP
-            ds -= dot_tile
+            xp.exp(p, out=p)  # ... and so their probabilities
+            dv[..., j0:j1, :] += xp.swapaxes(p, -1, -2) @ grad[..., i0:i1, :]
+            ds = g_tile @ values_t[..., j0:j1]  # dP - rowsum(dO * O)
             ds *= p  # dS / scale
             dq[..., i0:i1, :] += ds @ k[..., j0:j1, :]
-            dk[..., j0:j1, :] += xp.swapaxes(ds, -1, -2) @ q_tile  # q_tile carries the scale
+            dk[..., j0:j1, :] += xp.swapaxes(ds, -1, -2) @ q_tile[..., :D]  # q_tile carries the scale
     dq *= scale
     return dq, dk, dv
 
