@@ -195,17 +195,22 @@ def test_parallel_rows_on_a_big_array_matches_one_call():
     np.testing.assert_array_equal(out, x * 2)
 
 
-def test_chunked_parallel_rows_runs_cache_sized_pieces():
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_chunked_parallel_rows_runs_cache_sized_pieces(blocks):
+    """In pieces of at most CHUNK_ELEMENTS, in each block: on one thread or on two."""
     x = np.arange(5 * cpu.CHUNK_ELEMENTS // 2, dtype=np.float32).reshape(-1, 2)  # 2.5 chunks
     out, pieces = np.empty_like(x), []
 
     def kernel(a, o):
         pieces.append(a.size)
         np.multiply(a, 2, out=o)
-    with cpu.threads(1):  # pieces only when one thread runs the kernel
-        cpu.parallel_rows(kernel, x, out, chunked=True)
+    half = x.shape[0] // 2
+    split = [slice(None)] if blocks == 1 else [slice(0, half), slice(half, None)]
+    with cpu.threads(blocks):
+        cpu.parallel_rows(kernel, x, out, blocks=split, chunked=True)
     np.testing.assert_array_equal(out, x * 2)
-    assert max(pieces) <= cpu.CHUNK_ELEMENTS and sum(pieces) == x.size and len(pieces) >= 3
+    assert max(pieces) <= cpu.CHUNK_ELEMENTS and sum(pieces) == x.size
+    assert len(pieces) == (3 if blocks == 1 else 4)  # 2.5 chunks; or 2 x 1.25 chunks
 
 
 def test_threaded_packed_attention_matches_the_primitive_one():

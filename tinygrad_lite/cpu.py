@@ -250,12 +250,14 @@ def parallel_rows(kernel, *arrays, blocks=None, extras=None, chunked=False) -> l
     each thread touches its own rows only; whatever it returns comes back as a list in
     block order. `blocks` (default: row_blocks(arrays[0])) fixes the split, and
     `extras` gives block i its own extra last argument (e.g. what an earlier call on
-    the same blocks returned). `chunked=True` (for kernels that return nothing), when
-    the kernel runs on this thread alone, runs it in pieces of about CHUNK_ELEMENTS: a
-    kernel of several passes then makes them all while its piece is still in the core's
-    cache, instead of each pass reading the whole array from memory again.
-    NOTE: not with several threads: every NumPy call hands Python's lock (the GIL) to
-    the other thread and back, which costs more than a short piece saves.
+    the same blocks returned). `chunked=True` (for kernels that return nothing) runs
+    each block in pieces of about CHUNK_ELEMENTS: a kernel of several passes then makes them all while its piece is
+    still in the core's cache, instead of each pass reading the whole block from memory
+    again. NOTE: with several threads too. Each NumPy call of a piece then hands Python's
+    lock (the GIL) to the other thread and back, which was thought to cost more than the
+    cache saves; measured (2-core Xeon VM, 2 threads, GELU forward of 8064 x 512, the
+    prefill of 8 x 1008 tokens): whole blocks 8.2 ms, pieces 4.3 ms (one thread in pieces
+    4.5 ms); layer norm of 8064 x 128 1.49 -> 1.41 ms.
     NOTE: while the blocks run, BLAS has one thread: each block's matmuls then run on its
     own core. Two callers into a 2-thread OpenBLAS at once fight over its workers: the
     blocked attention of 2 x 4 heads x 1008 tokens took 451 ms instead of 10 ms.
@@ -265,7 +267,7 @@ def parallel_rows(kernel, *arrays, blocks=None, extras=None, chunked=False) -> l
 
     def run(i: int):
         views = [a[blocks[i]] for a in arrays]
-        if chunked and len(blocks) == 1 and isinstance(arrays[0], numpy.ndarray):
+        if chunked and isinstance(arrays[0], numpy.ndarray):
             rows = max(1, CHUNK_ELEMENTS // max(1, views[0][:1].size))  # rows per piece
             for start in range(0, views[0].shape[0], rows):
                 kernel(*[v[start:start + rows] for v in views])

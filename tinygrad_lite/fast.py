@@ -155,7 +155,8 @@ def _layer_norm_backward(grad, xhat, rstd, weight, dx, g_xhat):
 
 
 class FastLayerNorm(Function):
-    """FusedLayerNorm on (N, C) rows, in row blocks on all cores, into preallocated buffers."""
+    """FusedLayerNorm on (N, C) rows, in row blocks on all cores, each in cache-sized
+    pieces, into preallocated buffers."""
 
     def forward(self, x, weight, bias, eps=1e-5):
         xp = xp_of(x)
@@ -167,7 +168,7 @@ class FastLayerNorm(Function):
             _layer_norm_forward(x2d, weight, bias, eps, out, xhat, rstd)
         else:
             parallel_rows(lambda x, o, xh, r: _layer_norm_forward(x, weight, bias, eps, o, xh, r),
-                          x2d, out, xhat, rstd)
+                          x2d, out, xhat, rstd, chunked=True)
         self.xhat, self.rstd, self.weight, self.has_bias = xhat, rstd, weight, bias is not None
         return out.reshape(x.shape)
 
@@ -176,7 +177,7 @@ class FastLayerNorm(Function):
         g2d = grad.reshape(self.xhat.shape)  # (N, C)
         dx, g_xhat = xp.empty_like(self.xhat), xp.empty_like(self.xhat)
         parallel_rows(lambda g, xh, r, d, gx: _layer_norm_backward(g, xh, r, self.weight, d, gx),
-                      g2d, self.xhat, self.rstd, dx, g_xhat)
+                      g2d, self.xhat, self.rstd, dx, g_xhat, chunked=True)
         dw = g_xhat.sum(axis=0) if self.needs_grad[1] else None
         db = g2d.sum(axis=0) if self.has_bias and self.needs_grad[2] else None
         return dx.reshape(grad.shape), dw, db
