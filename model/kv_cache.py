@@ -24,8 +24,9 @@ class KVCache:
                  dtype="float32", device: str | None = None) -> None:
         xp = backend.namespace(device or backend.default_device())
         shape = (batch_size, n_head, max_len, head_size)
-        self.k = [xp.zeros(shape, dtype=dtype) for _ in range(n_layer)]
-        self.v = [xp.zeros(shape, dtype=dtype) for _ in range(n_layer)]
+        # (empty, not zeros: read() returns only positions that were written)
+        self.k = [xp.empty(shape, dtype=dtype) for _ in range(n_layer)]
+        self.v = [xp.empty(shape, dtype=dtype) for _ in range(n_layer)]
         self.n_head, self.head_size, self.max_len = n_head, head_size, max_len
         self.pos = 0  # how many positions hold valid keys/values
 
