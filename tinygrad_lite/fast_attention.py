@@ -3,8 +3,10 @@
 Two kernels: for short contexts the whole (Tq, Tk) score matrix at once, stored keys
 first; from BLOCKED_MIN queries on, blocked causal attention (FlashAttention's idea,
 Dao et al. 2022): tiles of queries x keys, the tiles the causal mask hides entirely never
-computed, the softmax kept as per-row statistics, the backward recomputing each tile's
-probabilities from them. No (Tq, Tk) matrix is ever held.
+computed, the softmax's shift per row a bound known in advance (or, for large scores,
+the running max), the backward recomputing each tile's probabilities from the saved
+log-sum-exp. No (Tq, Tk) matrix is ever held. And a third, for decoding: one query per
+sequence over a KV cache.
 
 Two entry points share the kernels:
   - `FastAttention` takes q, k, v already split into heads (B, H, T, D): RoPE-rotated
