@@ -109,7 +109,8 @@ def _steps(model: Any, rows: list[list[int]], max_new_tokens: int, sampler: Samp
     """The decode loop everything else shares. rows (B, n) of one length; yields, per
     step, the B new ids and the logits (B, V) they were chosen from."""
     rows = [list(row) for row in rows]
-    context = Context(model, len(rows), use_cache, max_len=len(rows[0]) + max_new_tokens - 1)  # (the last token is never fed)
+    # the cache holds the prompt and every new token but the last (which is never fed back)
+    context = Context(model, len(rows), use_cache, max_len=len(rows[0]) + max_new_tokens - 1)
     for _ in range(max_new_tokens):
         logits = context.logits(rows)[:, -1]  # (B, V): the prefill at step 0, one-token decodes after
         ids = sampler(logits)

@@ -59,6 +59,24 @@ def test_cached_and_uncached_agree_at_every_step(pos, prompts):
     assert ids_c == [list(np.argmax(row, axis=-1)) for row in logits_c]  # greedy picked the argmax
 
 
+@pytest.mark.parametrize("new_tokens,cache_len", [(5, 3 + 5 - 1), (40, 32)])
+def test_generate_sizes_its_kv_cache_to_the_prompt_and_new_tokens(new_tokens, cache_len, monkeypatch):
+    """The cache holds the prompt and every new token but the last (never fed back), at
+    most block_size (32 here; a longer generation slides its window inside it). One
+    position fewer and the cache refuses the write; the tokens are those of the uncached
+    path either way."""
+    model = tiny_gpt()
+    sizes, real = [], model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda batch, max_len=None: sizes.append(max_len) or real(batch, max_len))
+    cached = generate(model, [1, 2, 3], new_tokens, temperature=0)
+    assert sizes == [cache_len]
+    assert cached == generate(model, [1, 2, 3], new_tokens, temperature=0, use_cache=False)
+    if cache_len < 32:
+        monkeypatch.setattr(model, "new_cache", lambda batch, max_len=None: real(batch, max_len - 1))
+        with pytest.raises(ValueError, match="KV cache holds"):
+            generate(model, [1, 2, 3], new_tokens, temperature=0)
+
+
 @pytest.mark.parametrize("tier", sorted(tinygrad_lite.functional.TIERS))
 def test_decoding_a_token_under_no_grad_builds_no_function_and_keeps_nothing(tier, monkeypatch):
     """The lean inference path: ops that record nothing run on spare instances, wiped after."""

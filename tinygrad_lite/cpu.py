@@ -251,13 +251,14 @@ def parallel_rows(kernel, *arrays, blocks=None, extras=None, chunked=False) -> l
     block order. `blocks` (default: row_blocks(arrays[0])) fixes the split, and
     `extras` gives block i its own extra last argument (e.g. what an earlier call on
     the same blocks returned). `chunked=True` (for kernels that return nothing) runs
-    each block in pieces of about CHUNK_ELEMENTS: a kernel of several passes then makes them all while its piece is
-    still in the core's cache, instead of each pass reading the whole block from memory
-    again. NOTE: with several threads too. Each NumPy call of a piece then hands Python's
-    lock (the GIL) to the other thread and back, which was thought to cost more than the
+    each block in pieces of about CHUNK_ELEMENTS: a kernel of several passes then makes
+    them all while its piece is still in the core's cache, instead of each pass reading
+    the whole block from memory again.
+    NOTE: with several threads too. Each NumPy call of a piece then hands Python's lock
+    (the GIL) to the other thread and back, which was thought to cost more than the
     cache saves; measured (2-core Xeon VM, 2 threads, GELU forward of 8064 x 512, the
-    prefill of 8 x 1008 tokens): whole blocks 8.2 ms, pieces 4.3 ms (one thread in pieces
-    4.5 ms); layer norm of 8064 x 128 1.49 -> 1.41 ms.
+    prefill of 8 x 1008 tokens): whole blocks 8.2 ms, pieces 4.3 ms (one thread in
+    pieces 4.5 ms); layer norm of 8064 x 128 1.49 -> 1.41 ms.
     NOTE: while the blocks run, BLAS has one thread: each block's matmuls then run on its
     own core. Two callers into a 2-thread OpenBLAS at once fight over its workers: the
     blocked attention of 2 x 4 heads x 1008 tokens took 451 ms instead of 10 ms.
