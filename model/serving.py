@@ -143,6 +143,7 @@ class Engine:
         self.preemptions = 0
         self.forward_passes = 0
         self._cancels = 0  # cancel() calls since the last step
+        self._last: tuple | None = None  # the last forward's segments and PagedBatch (_forward)
 
     # --- the public API -----------------------------------------------------------------
 
@@ -222,6 +223,8 @@ class Engine:
             token = greedy[i] if request.sampler.temperature == 0 else request.sampler(logits[i:i + 1])[0]
             emitted[request.id] = [token]
             self._append(request, token, now)
+        if not self.running:  # idle: the pages take every row the gathered copies held
+            self.cache.settle()
         return emitted
 
     # --- scheduling ------------------------------------------------------------------------
@@ -229,16 +232,19 @@ class Engine:
     def _schedule(self) -> list[tuple[Request, int]]:
         """Which requests compute how many tokens this step: the running ones first (oldest
         first), then waiting ones while there is room in the batch, the budget and the pool."""
-        budget, batch = self.max_step_tokens, []
+        budget, batch, page = self.max_step_tokens, [], self.page_size
+        preempted = False
         for request in list(self.running):
-            if request not in self.running:  # preempted below, to make room for an older one
+            if preempted and request not in self.running:  # preempted below, to make room for an older one
                 continue
             n = min(len(request.tokens) - request.num_cached, budget)
             if n == 0:  # an older sequence's prefill chunk took the whole budget: next step
                 continue
-            while not self._reserve(request, n):
+            # (most decode steps: its last page has room, and nothing needs reserving)
+            while request.num_cached + n > len(request.pages) * page and not self._reserve(request, n):
                 victim = self.running[-1]  # the newest
                 self._preempt(victim)
+                preempted = True
                 if victim is request:
                     break
             else:
@@ -270,7 +276,7 @@ class Engine:
     def _reserve(self, request: Request, n: int) -> bool:
         """Pages for the request's first num_cached + n tokens, if the pool has them."""
         needed = -(-(request.num_cached + n) // self.page_size) - len(request.pages)
-        if needed <= 0:  # (most decode steps: the last page has room)
+        if needed <= 0:
             return True
         if needed > self.pool.num_free:
             return False
@@ -322,16 +328,22 @@ class Engine:
         for request, n in batch:
             start = request.num_cached
             ids += request.tokens[start:start + n]
-            segments.append(((request.id, request.admissions), request.pages, start, n))
+            segments.append(((request.id, request.admissions), request.pages, start, n,
+                             len(request.prompt) + request.max_new_tokens))
             if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
                 wanted.append(len(ids) - 1)
                 due.append(request)
-        device = self.model.wte.weight.device
-        view = PagedBatch(self.cache, segments)
+        device = self.cache.device
+        last, view = self._last, None
+        if last is not None and len(last[0]) == len(segments) == len(ids) and all(
+                a[0] == b[0] and a[1] is b[1] and a[2] + 1 == b[2] for a, b in zip(last[0], segments)):
+            view = last[1].next_step()  # the same sequences on the same pages, one token further each
+        view = view or PagedBatch(self.cache, segments)
         columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
         with no_grad():
             logits, _ = self.model(backend.asarray([ids], device), cache=view, logits_at=at)
+        self._last = (segments, view)
         self.forward_passes += 1
         self.computed_tokens += len(ids)
         for request, n in batch:

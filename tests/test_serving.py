@@ -73,9 +73,10 @@ def test_ragged_requests_arriving_while_others_decode_equal_generate_alone(pos):
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_pages_filled_while_decoding_hold_the_keys_and_values_of_a_contiguous_cache(pos):
-    # while a group decodes, its rows reach the pages only when a page fills or the group
-    # breaks up (PagedBatch.attend's write-back); every full page must then hold what
-    # generate()'s contiguous cache holds for those positions, and serve a later prefix hit
+    # while a group decodes, its rows reach the pages only when the group breaks up, when a
+    # step reads pages, or when the engine goes idle (PagedBatch.attend's write-back); every
+    # full page must then hold what generate()'s contiguous cache holds for those
+    # positions, and serve a later prefix hit
     from model.paged_kv_cache import page_key
     from tinygrad_lite import Tensor, backend, no_grad
     model = tiny_gpt(pos)
@@ -118,6 +119,37 @@ def test_sequences_that_decoded_as_one_group_go_on_right_when_it_breaks_up():
     results = engine.run()
     for rid, p in zip(rids, same_length):
         assert results[rid] == alone(model, p, engine.request(rid).max_new_tokens), rid
+    assert_pool_is_empty(engine)
+
+
+def test_a_step_that_continues_the_last_one_reuses_its_layout_and_only_then(monkeypatch):
+    # PagedBatch.next_step: while the same sequences decode one token each, a step takes
+    # the last step's groups one position on instead of building them again; a request
+    # that joins (or leaves) makes the engine build them afresh, and the outputs stay
+    # generate()'s, with every row reaching its pages (poisoned pool)
+    import model.serving as serving
+    built = []
+
+    class Counted(serving.PagedBatch):
+        def __init__(self, cache, segments):
+            built.append([n for *_, n, _ in segments])
+            super().__init__(cache, segments)
+    monkeypatch.setattr(serving, "PagedBatch", Counted)
+    model = tiny_gpt()
+    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
+    first = prompts([6, 6])
+    rids = [engine.submit(p, 12, temperature=0) for p in first]
+    for _ in range(5):  # a prefill, then four decode steps, only the first of them built
+        engine.step()
+    assert built == [[6, 6], [1, 1]]
+    late = prompts([5], seed=3)[0]
+    rids.append(engine.submit(late, 4, temperature=0))
+    engine.step()  # it joins: built afresh
+    assert built[-1] == [1, 1, 5]
+    results = engine.run()
+    assert len(built) < engine.forward_passes
+    for rid, (p, n) in zip(rids, [(first[0], 12), (first[1], 12), (late, 4)]):
+        assert results[rid] == alone(model, p, n)
     assert_pool_is_empty(engine)
 
 
