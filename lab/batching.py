@@ -8,7 +8,8 @@ The model is bench/decode_speed.py's: random weights (speed does not depend on t
 4 layers x 128 wide, a context of 1024 tokens, so it holds a 200-token system prompt.
 1. Same work, engine against generate(): 8 prompts of one length, generate() as one
    batch and the engine with max_batch_size 8, alternating repeats (the ratio of their
-   tokens/s, median of the repeats).
+   tokens/s, median of the repeats). One engine serves all repeats, as a server's does;
+   every repeat brings new prompts, so the prefix cache skips nothing.
 2. The batch-size trade-off: N requests all waiting at time 0, max_batch_size 1 .. 32.
    Throughput (generated tokens / wall time) rises with the batch; so does each
    request's time per output token (TPOT), and the time to first token (TTFT) of the
@@ -70,27 +71,39 @@ def random_prompts(rng, n: int, lengths: tuple[int, int]) -> list[list[int]]:
 
 
 def same_work(model: GPT, s: dict, rng) -> dict:
-    prompts = rng.integers(0, MODEL["vocab_size"], (8, s["same_work_prompt"])).tolist()
     n_new, tokens = s["same_work_new"], 8 * s["same_work_new"]
+    # one engine serves every repeat, as a server's does; each repeat brings new prompts
+    # (the prefix cache must not skip their prefill), and generate() sizes its own cache
+    engine = make_engine(model, 8, share=1.0)  # the memory of generate()'s cache: no preemption
+
+    def run(who: str, prompts: list[list[int]]) -> list[list[int]]:
+        if who == "generate":
+            return generate(model, prompts, n_new, temperature=0)
+        rids = [engine.submit(p, n_new, temperature=0) for p in prompts]
+        results = engine.run()
+        engine.requests.clear()  # (a server forgets finished requests too: serve.py)
+        return [results[rid] for rid in rids]
+
+    def new_prompts() -> list[list[int]]:
+        return rng.integers(0, MODEL["vocab_size"], (8, s["same_work_prompt"])).tolist()
+
+    for who in ("generate", "engine"):  # warm-up, untimed
+        run(who, new_prompts())
     times = {"generate": [], "engine": []}
-    outputs = {}
+    same = True
     for r in range(s["same_work_repeats"]):
+        prompts, outputs = new_prompts(), {}
         for who in (("generate", "engine") if r % 2 == 0 else ("engine", "generate")):
             start = time.perf_counter()
-            if who == "generate":
-                outputs[who] = generate(model, prompts, n_new, temperature=0)
-            else:
-                engine = make_engine(model, 8, share=1.0)  # the memory of generate()'s cache: no preemption
-                rids = [engine.submit(p, n_new, temperature=0) for p in prompts]
-                results = engine.run()
-                outputs[who] = [results[rid] for rid in rids]
+            outputs[who] = run(who, prompts)
             times[who].append(time.perf_counter() - start)
+        same = same and outputs["generate"] == outputs["engine"]
     med = {who: statistics.median(t) for who, t in times.items()}
     out = {"prompt_tokens": s["same_work_prompt"], "new_tokens": n_new, "batch": 8, "repeats": s["same_work_repeats"],
            "generate_tokens_per_s": tokens / med["generate"], "engine_tokens_per_s": tokens / med["engine"],
            "generate_s": times["generate"], "engine_s": times["engine"],
            "engine_vs_generate": med["generate"] / med["engine"],
-           "same_tokens": outputs["generate"] == outputs["engine"]}
+           "same_tokens": same, "prefix_hits": engine.prefix_hits}
     log(f"same work (8 x {s['same_work_prompt']} prompt, {n_new} new): generate {out['generate_tokens_per_s']:.0f} "
         f"tok/s, engine {out['engine_tokens_per_s']:.0f} tok/s, ratio {out['engine_vs_generate']:.2f}, "
         f"same tokens: {out['same_tokens']}")

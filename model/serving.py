@@ -325,19 +325,22 @@ class Engine:
         """One forward pass over the batch's new tokens, packed in one row. Returns the R
         requests whose known tokens are now all computed, and their host logits (R, V)."""
         ids, segments, wanted, due = [], [], [], []
-        for request, n in batch:
+        last, view = self._last, None
+        continues = last is not None and len(last[0]) == len(batch)  # the same sequences, one token further each?
+        for i, (request, n) in enumerate(batch):
             start = request.num_cached
             ids += request.tokens[start:start + n]
-            segments.append(((request.id, request.admissions), request.pages, start, n,
-                             len(request.prompt) + request.max_new_tokens))
+            segment = ((request.id, request.admissions), request.pages, start, n,
+                       len(request.prompt) + request.max_new_tokens)
+            segments.append(segment)
+            continues = continues and n == 1 and segment[0] == last[0][i][0] and start == last[0][i][2] + 1 and (
+                segment[1] is last[0][i][1])  # (on the same pages)
             if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
                 wanted.append(len(ids) - 1)
                 due.append(request)
         device = self.cache.device
-        last, view = self._last, None
-        if last is not None and len(last[0]) == len(segments) == len(ids) and all(
-                a[0] == b[0] and a[1] is b[1] and a[2] + 1 == b[2] for a, b in zip(last[0], segments)):
-            view = last[1].next_step()  # the same sequences on the same pages, one token further each
+        if continues:
+            view = last[1].next_step()
         view = view or PagedBatch(self.cache, segments)
         columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
