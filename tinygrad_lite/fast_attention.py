@@ -365,7 +365,10 @@ class FastAttention(FastMultiCoreAttention):
 
     def forward(self, q, k, v, causal=True, dropout_p=0.0):
         xp = xp_of(q)
-        out = xp.empty(q.shape, dtype=q.dtype)
+        # NOTE: laid out in memory as q is: q is most often a (B, H, T, D) view of heads
+        # side by side, (B, T, H, D), and then so is the output, which the caller merges
+        # back into (B, T, H * D) without a copy
+        out = xp.empty_like(q)
         decoding = q.shape[-2] == 1 and dropout_p == 0 and not any(self.needs_grad)  # one query, inference
         if q.ndim != 4 or k.shape[:2] != q.shape[:2]:  # not (B, H, T, D) throughout: one call
             self.blocks = None
