@@ -1,4 +1,4 @@
-"""The fast tier's attention kernels (tinygrad_lite/fast_attention.py): blocked causal
+"""The fast tier's attention kernels (tinygrad_lite/fast_attention.py, blocked_attention.py): blocked causal
 attention against the primitive tier in float64, lengths that are not multiples of the
 tile (T = 1 included), a KV cache's shorter query block, and its memory: at T = 512 no
 (B, H, T, T) array, tiles at most 128 wide."""
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tinygrad_lite.functional as F
-from tinygrad_lite import Tensor, backend, cpu, fast_attention
+from tinygrad_lite import Tensor, backend, blocked_attention, cpu, fast_attention
 
 from strategies import tensor
 
@@ -31,8 +31,8 @@ def test_blocked_attention_equals_the_primitive_one(Tq, Tk, tile):
     B, H, D = 2, 3, 5
     q, k, v = (rng.standard_normal((B, H, T, D)) for T in (Tq, Tk, Tk))
     grad = rng.standard_normal((B, H, Tq, D))
-    out, saved = fast_attention.blocked_forward(q, k, v, tile)
-    grads = fast_attention.blocked_backward(grad, saved)
+    out, saved = blocked_attention.blocked_forward(q, k, v, tile)
+    grads = blocked_attention.blocked_backward(grad, saved)
     ref_out, ref_grads = primitive_attention(q, k, v, grad)
     np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-12)
     for name, g, r in zip("qkv", grads, ref_grads):
@@ -47,22 +47,22 @@ def test_both_shifts_of_the_blocked_forward_give_the_primitive_answer(size, monk
     B, H, T, D, tile = 2, 3, 37, 8, 8
     q, k, v = (rng.standard_normal((B, H, T, D)) * s for s in (size, size, 1.0))
     grad = rng.standard_normal((B, H, T, D))
-    bounds = fast_attention.row_bounds(q, k)
+    bounds = blocked_attention.row_bounds(q, k)
     scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(D)
     assert np.all(np.abs(scores) <= bounds[..., None] * (1 + 1e-12))  # a bound of every score of the row
     used = []
     for name in ("_bounded_forward", "_online_forward"):
-        real = getattr(fast_attention, name)
-        monkeypatch.setattr(fast_attention, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
-    out, saved = fast_attention.blocked_forward(q, k, v, tile)
-    assert used == (["_bounded_forward"] if bounds.max() <= fast_attention.SHIFT_LIMIT else ["_online_forward"])
+        real = getattr(blocked_attention, name)
+        monkeypatch.setattr(blocked_attention, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+    out, saved = blocked_attention.blocked_forward(q, k, v, tile)
+    assert used == (["_bounded_forward"] if bounds.max() <= blocked_attention.SHIFT_LIMIT else ["_online_forward"])
     assert used == (["_bounded_forward"] if size == 1.0 else ["_online_forward"])
     ref_out, ref_grads = primitive_attention(q, k, v, grad)
     np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-12)
     causal = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
     np.testing.assert_allclose(saved[5], np.log(np.exp(causal - causal.max(-1, keepdims=True)).sum(-1))
                                + causal.max(-1), rtol=1e-12)
-    for name, g, r in zip("qkv", fast_attention.blocked_backward(grad, saved), ref_grads):
+    for name, g, r in zip("qkv", blocked_attention.blocked_backward(grad, saved), ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-11, err_msg=f"d{name}")
 
 
@@ -73,17 +73,17 @@ def test_the_bounded_shift_keeps_float32_close_to_float64():
     B, H, T, D = 1, 2, 300, 32
     q, k = (rng.standard_normal((B, H, T, D)) * 1.6 for _ in range(2))  # bounds near the limit
     v = rng.standard_normal((B, H, T, D))
-    bounds = fast_attention.row_bounds(q, k)
-    assert 20 < bounds.max() <= fast_attention.SHIFT_LIMIT
-    exact, _ = fast_attention.blocked_forward(q, k, v, 64)
+    bounds = blocked_attention.row_bounds(q, k)
+    assert 20 < bounds.max() <= blocked_attention.SHIFT_LIMIT
+    exact, _ = blocked_attention.blocked_forward(q, k, v, 64)
     f32 = [a.astype(np.float32) for a in (q, k, v)]
-    bounded, _ = fast_attention._bounded_forward(*f32, 64, fast_attention.row_bounds(*f32[:2]))
-    online, _ = fast_attention._online_forward(*f32, 64)
+    bounded, _ = blocked_attention._bounded_forward(*f32, 64, blocked_attention.row_bounds(*f32[:2]))
+    online, _ = blocked_attention._online_forward(*f32, 64)
     assert np.abs(bounded - exact).max() < 1e-4
     assert np.abs(bounded - exact).max() < 10 * np.abs(online - exact).max() + 1e-6
 
 
-T_LONG = fast_attention.BLOCKED_MIN + 37  # not a multiple of the tile
+T_LONG = blocked_attention.BLOCKED_MIN + 37  # not a multiple of the tile
 
 
 # one call; blocks split by sequence (2 x 4 heads); blocks split by head (1 sequence, 4 heads)
@@ -120,12 +120,12 @@ def test_at_512_tokens_no_array_holds_the_whole_score_matrix(monkeypatch):
     rng = np.random.default_rng(0)
     q, k, v, grad = (rng.standard_normal((B, H, T, D)).astype(np.float32) for _ in range(4))
     widths = []
-    real_mask = fast_attention._diagonal_mask
+    real_mask = blocked_attention._diagonal_mask
 
     def recording(masks, i0, i1, j0, j1, offset, dtype, xp):
         widths.append((i1 - i0, j1 - j0))
         return real_mask(masks, i0, i1, j0, j1, offset, dtype, xp)
-    monkeypatch.setattr(fast_attention, "_diagonal_mask", recording)
+    monkeypatch.setattr(blocked_attention, "_diagonal_mask", recording)
     scores_bytes = B * H * T * T * 4
     tracemalloc.start()
     try:
@@ -139,5 +139,5 @@ def test_at_512_tokens_no_array_holds_the_whole_score_matrix(monkeypatch):
     assert saved[0] == "blocked"
     assert max(forward_peak, backward_peak) < scores_bytes, (forward_peak, backward_peak, scores_bytes)
     assert widths and max(max(w) for w in widths) <= 128
-    tile = fast_attention.tile_size(B * H, D)
+    tile = blocked_attention.tile_size(B * H, D)
     assert len(widths) == 2 * T // tile  # only the diagonal tiles are masked, forward and backward

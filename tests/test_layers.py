@@ -12,8 +12,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tinygrad_lite"
 LAYERS = ["strict_array", "backend", "tensor", "ops", "methods", "cpu", "primitive", "fused_attention",
-          "fused", "fast_attention", "fast", "functional", "nn", "optim", "gradcheck", "graph",
-          "profiler", "parallel", "distributed", "__init__"]
+          "fused", "blocked_attention", "fast_attention", "fast", "functional", "nn", "optim", "gradcheck",
+          "graph", "profiler", "parallel", "distributed", "__init__"]
 
 
 def package_imports(path: Path) -> list[tuple[str, int, bool]]:

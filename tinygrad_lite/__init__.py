@@ -3,7 +3,8 @@
 The modules, in the order they import each other (each only the ones above it):
 backend (arrays, devices, random numbers) -> tensor (Tensor, Function, backward) ->
 ops (primitive ops) -> methods (Tensor's math) -> the tiers of the fused-able ops:
-primitive, fused + fused_attention, fast + fast_attention (on cpu, the CPU-speed knobs)
+primitive, fused + fused_attention, fast + fast_attention + blocked_attention (on
+cpu, the CPU-speed knobs)
 -> functional (the tier switch) -> nn, optim -> parallel, gradcheck, graph, profiler.
 
 Importing the package changes nothing in the process: no environment variable, no

@@ -4,7 +4,8 @@ Every op that has a fused form exists in three tiers, one module each, with the 
 functions:
   - "primitive" (primitive.py): written from primitive ops; autograd derives the gradient;
   - "fused" (fused.py, fused_attention.py): one op each, the backward derived by hand;
-  - "fast" (fast.py, fast_attention.py): the fused math as CPU kernels (the default).
+  - "fast" (fast.py, fast_attention.py, blocked_attention.py): the fused math as CPU
+    kernels (the default).
 The functions here check their inputs once, then call the selected tier:
 
     set_ops_tier("fused")            # from now on
