@@ -5,8 +5,11 @@ models; the file also runs with TINYGRAD_LITE_DEVICE=strict.
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 import tinygrad_lite
 from model.chat import ChatTokenizer
@@ -106,6 +109,27 @@ def test_pages_filled_while_decoding_hold_the_keys_and_values_of_a_contiguous_ca
     assert engine.prefix_hits - hits == sum((len(p) - 1) // 4 for p in later)
     for rid, p in zip(again, later):
         assert results[rid] == alone(model, p, 6)
+    assert_pool_is_empty(engine)
+
+
+def test_a_prefix_hit_on_a_page_a_running_group_filled_while_decoding_reads_its_rows():
+    # the page holding a decoding request's newest full page of output waits in the
+    # group's gathered copy; a request arriving meanwhile whose prompt starts with that
+    # prompt and output shares the page, so the copy must reach the pages first
+    model = tiny_gpt()
+    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
+    first = prompts([4, 4], seed=5)
+    rids = [engine.submit(p, 20, temperature=0) for p in first]
+    for _ in range(10):  # a prefill and 9 decode steps: pages 1 and 2 (positions 4-11) filled while decoding
+        engine.step()
+    grown = first[0] + engine.request(rids[0]).output[:8]  # 12 tokens: 3 full pages, 2 of them decoded
+    hits = engine.prefix_hits
+    late = engine.submit(grown, 5, temperature=0)
+    results = engine.run()
+    assert engine.prefix_hits - hits == 2  # pages 0 and 1 (the third is computed: its last token's logits are needed)
+    assert results[late] == alone(model, grown, 5)
+    for rid, p in zip(rids, first):
+        assert results[rid] == alone(model, p, 20)
     assert_pool_is_empty(engine)
 
 
@@ -245,6 +269,48 @@ def test_preemption_under_a_small_pool_still_gives_the_right_outputs():
     assert engine.preemptions > 0
     for rid, p in zip(rids, ps):
         assert results[rid] == alone(model, p, 20)
+    assert_pool_is_empty(engine)
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_random_workloads_give_every_request_what_generate_gives_it_alone(seed):
+    # requests arriving at random steps, some sharing a prefix, pools small enough to
+    # preempt, pages of 2-8 tokens, step budgets that chunk prefills, cancellations: every
+    # greedy output (a cancelled one, its part) is generate()'s on that prompt alone, on
+    # a pool poisoned with NaN (a row that never reached its page would show), and every
+    # page goes back
+    rnd = random.Random(seed)
+    model = tiny_gpt(rnd.choice(["learned", "rope"]), seed=seed % 3)
+    page, pages = rnd.choice([2, 3, 4, 8]), rnd.choice([12, 16, 24, 64])
+    engine = poisoned(Engine(model, max_batch_size=rnd.choice([1, 2, 3, 4, 6]), page_size=page,
+                             num_blocks=pages, max_step_tokens=rnd.choice([8, 16, 64, 2048])))
+    shared = [rnd.randrange(len(TEXT)) for _ in range(rnd.randrange(1, 12))]
+    arrivals = []
+    for _ in range(rnd.randrange(2, 9)):
+        own = [rnd.randrange(len(TEXT)) for _ in range(rnd.randrange(1, 10))]
+        prompt = (shared if rnd.random() < 0.5 else []) + own
+        n = rnd.randrange(1, 14)
+        if len(prompt) + n <= 64 and -(-(len(prompt) + n) // page) <= pages:
+            arrivals.append((rnd.randrange(20), prompt, n))
+    arrivals.sort(key=lambda a: a[0])
+    wanted, cancelled, step = {}, set(), 0
+    while arrivals or engine.has_work():
+        while arrivals and arrivals[0][0] <= step:
+            _, prompt, n = arrivals.pop(0)
+            wanted[engine.submit(prompt, n, temperature=0)] = alone(model, prompt, n)
+        if engine.running and rnd.random() < 0.03:
+            victim = rnd.choice(engine.running).id
+            cancelled.add(victim)
+            engine.cancel(victim)
+        if engine.has_work():
+            engine.step()
+        step += 1
+    for rid, want in wanted.items():
+        request = engine.request(rid)
+        if request.finish_reason == "cancelled":
+            assert rid in cancelled and request.output == want[:len(request.output)], rid
+        else:
+            assert request.output == want, rid
     assert_pool_is_empty(engine)
 
 
