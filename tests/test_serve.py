@@ -233,7 +233,10 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(text_server):
     assert response.readline().startswith(b"data: ")  # the stream has begun ...
     connection.close()  # ... and the client leaves
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (engine.has_work() or engine.free_blocks != engine.num_blocks):
+    # (the engine thread frees the pages in its step and forgets the request just after:
+    # wait for both, or this check can land in between)
+    while time.monotonic() < deadline and (engine.has_work() or engine.free_blocks != engine.num_blocks
+                                           or engine.requests):
         time.sleep(0.05)
     assert not engine.has_work() and engine.free_blocks == engine.num_blocks
     assert engine.requests == {}  # finished (cancelled) and forgotten
