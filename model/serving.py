@@ -223,7 +223,7 @@ class Engine:
             token = greedy[i] if request.sampler.temperature == 0 else request.sampler(logits[i:i + 1])[0]
             emitted[request.id] = [token]
             self._append(request, token, now)
-        if not self.running:  # idle: the pages take every row the gathered copies held
+        if not self.running:  # idle: the pages take the rows that only gathered copies held (full pages)
             self.cache.settle()
         return emitted
 
@@ -326,15 +326,16 @@ class Engine:
         requests whose known tokens are now all computed, and their host logits (R, V)."""
         ids, segments, wanted, due = [], [], [], []
         last, view = self._last, None
-        continues = last is not None and len(last[0]) == len(batch)  # the same sequences, one token further each?
+        continues = last is not None and len(last[0]) == len(batch)  # (the same sequences as last step?)
         for i, (request, n) in enumerate(batch):
             start = request.num_cached
             ids += request.tokens[start:start + n]
             segment = ((request.id, request.admissions), request.pages, start, n,
                        len(request.prompt) + request.max_new_tokens)
             segments.append(segment)
-            continues = continues and n == 1 and segment[0] == last[0][i][0] and start == last[0][i][2] + 1 and (
-                segment[1] is last[0][i][1])  # (on the same pages)
+            if continues:  # last step's i-th sequence, on the same pages, one token further?
+                before = last[0][i]
+                continues = n == 1 and segment[0] == before[0] and segment[1] is before[1] and start == before[2] + 1
             if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
                 wanted.append(len(ids) - 1)
                 due.append(request)
