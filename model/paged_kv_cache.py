@@ -111,13 +111,22 @@ class PagedKVCache:
         # per layer: the groups of the last step, gathered (see PagedBatch.attend)
         self.gathered: list[dict] = [{} for _ in range(n_layer)]
 
+    def slots(self, tables, start: int, end: int):
+        """The pool rows (the pages seen as one row per slot) of positions start .. end-1 of
+        each table's sequence: (g (end - start),)."""
+        host, page = backend.numpy, self.page_size  # (index arithmetic on the host, for any device)
+        first, positions = start // page, host.arange(start, end)
+        pages = host.array([table[first:(end - 1) // page + 1] for table in tables])  # (g, pages spanned)
+        rows = pages[:, positions // page - first] * page + positions % page
+        return backend.namespace(self.device).asarray(rows.reshape(-1))
+
     def write_back(self, layer: int, copy: "Gathered", slots, end: int | None = None) -> None:
         """Copy the rows that only a gathered copy holds (positions written .. end - 1,
         end = its context unless given, at these pool rows) into their pages."""
         rows, end = (-1, self.n_head, self.head_size), copy.context if end is None else end
         for pool, buffer in ((self.k[layer], copy.keys), (self.v[layer], copy.values)):
             pool.reshape(rows)[slots] = buffer[:, :, copy.written:end].transpose(0, 2, 1, 3).reshape(rows)
-        copy.written = copy.context
+        copy.written = end
 
     def settle(self) -> None:
         """Write the gathered copies' rows that anyone could still read to the pages (the
@@ -127,23 +136,14 @@ class PagedKVCache:
         NOTE: dropping them here as well made the next prefill ~2 ms slower (8 x 64
         tokens, 4 layers): the allocator hands their freed memory back to the system, and
         the next copies take page faults."""
-        xp = backend.namespace(self.device)
-        for layer, kept in enumerate(self.gathered):
-            for copy in kept.values():
-                end = copy.context // self.page_size * self.page_size  # (the end of its last full page)
-                if copy.written < end:
-                    rows = xp.asarray(pool_rows(copy.tables, copy.written, end, self.page_size))
+        for members, first in self.gathered[0].items():  # (every layer kept the same groups)
+            end = first.context // self.page_size * self.page_size  # (the end of its last full page)
+            rows = self.slots(first.tables, first.written, end) if first.written < end else None
+            for layer, kept in enumerate(self.gathered):
+                copy = kept[members]
+                if rows is not None:
                     self.write_back(layer, copy, rows, end)
                 copy.written = copy.context
-
-
-def pool_rows(tables, start: int, end: int, page_size: int):
-    """The pool rows (the pages seen as one row per slot) of positions start .. end-1 of
-    each table's sequence, as a host array (g (end - start),)."""
-    host = backend.numpy  # (index arithmetic on the host, for any device)
-    first, positions = start // page_size, host.arange(start, end)
-    pages = host.array([table[first:(end - 1) // page_size + 1] for table in tables])  # (g, pages spanned)
-    return (pages[:, positions // page_size - first] * page_size + positions % page_size).reshape(-1)
 
 
 def _as_slice(columns: list[int]) -> slice | None:
@@ -266,10 +266,6 @@ class PagedBatch:
             y[columns] = out
         return y
 
-    def slots(self, tables, start: int, end: int):
-        """The pool rows of positions start .. end-1 of each table's sequence: (g (end - start),)."""
-        return backend.xp_of(self.cache.k[0]).asarray(pool_rows(tables, start, end, self.cache.page_size))
-
     def _plan(self, kept: dict) -> "StepPlan":
         """Which groups decode one more row into last step's copy (the others write their
         new rows to these pool rows), and which kept copies must first write their rows
@@ -277,10 +273,10 @@ class PagedBatch:
         reads pages this step (a prefix hit may share a page that a copy has not written
         yet). Read from the first layer's kept groups: every layer has the same."""
         groups = [(group, n, context, None if n == 1 and _can_grow(kept.get(group[0]), context)
-                   else self.slots(group[1], context - n, context)) for (n, context), group in self.groups.items()]
+                   else self.cache.slots(group[1], context - n, context)) for (n, context), group in self.groups.items()]
         decoding = {group[0] for group, _, _, slots in groups if slots is None}
         reading = len(decoding) < len(groups)
-        flush = [(members, self.slots(copy.tables, copy.written, copy.context)) for members, copy in kept.items()
+        flush = [(members, self.cache.slots(copy.tables, copy.written, copy.context)) for members, copy in kept.items()
                  if copy.written < copy.context and (reading or members not in decoding)]
         return StepPlan(groups, flush)
 
