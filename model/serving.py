@@ -214,16 +214,15 @@ class Engine:
                 emitted[request.id] = []
             self._cancels = 0
         batch = self._schedule()
-        if not batch:
-            return emitted
-        due, logits = self._forward(batch)
-        greedy = logits.argmax(axis=-1).tolist()  # one call for every greedy request (host logits)
-        now = time.perf_counter()
-        for i, request in enumerate(due):
-            token = greedy[i] if request.sampler.temperature == 0 else request.sampler(logits[i:i + 1])[0]
-            emitted[request.id] = [token]
-            self._append(request, token, now)
-        if not self.running:  # idle: the pages take the rows that only gathered copies held (full pages)
+        if batch:
+            due, logits = self._forward(batch)
+            greedy = logits.argmax(axis=-1).tolist()  # one call for every greedy request (host logits)
+            now = time.perf_counter()
+            for i, request in enumerate(due):
+                token = greedy[i] if request.sampler.temperature == 0 else request.sampler(logits[i:i + 1])[0]
+                emitted[request.id] = [token]
+                self._append(request, token, now)
+        if not self.running:  # idle (finished or cancelled): the pages take the full pages only copies held
             self.cache.settle()
         return emitted
 
@@ -232,19 +231,16 @@ class Engine:
     def _schedule(self) -> list[tuple[Request, int]]:
         """Which requests compute how many tokens this step: the running ones first (oldest
         first), then waiting ones while there is room in the batch, the budget and the pool."""
-        budget, batch, page = self.max_step_tokens, [], self.page_size
-        preempted = False
+        budget, batch = self.max_step_tokens, []
         for request in list(self.running):
-            if preempted and request not in self.running:  # preempted below, to make room for an older one
+            if request not in self.running:  # preempted below, to make room for an older one
                 continue
             n = min(len(request.tokens) - request.num_cached, budget)
             if n == 0:  # an older sequence's prefill chunk took the whole budget: next step
                 continue
-            # (most decode steps: its last page has room, and nothing needs reserving)
-            while request.num_cached + n > len(request.pages) * page and not self._reserve(request, n):
+            while not self._reserve(request, n):
                 victim = self.running[-1]  # the newest
                 self._preempt(victim)
-                preempted = True
                 if victim is request:
                     break
             else:
@@ -276,7 +272,7 @@ class Engine:
     def _reserve(self, request: Request, n: int) -> bool:
         """Pages for the request's first num_cached + n tokens, if the pool has them."""
         needed = -(-(request.num_cached + n) // self.page_size) - len(request.pages)
-        if needed <= 0:
+        if needed <= 0:  # (most decode steps: the last page has room)
             return True
         if needed > self.pool.num_free:
             return False

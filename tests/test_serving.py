@@ -74,34 +74,40 @@ def test_ragged_requests_arriving_while_others_decode_equal_generate_alone(pos):
     assert_pool_is_empty(engine)
 
 
+def assert_full_pages_hold(engine: Engine, model: GPT, tokens: list[int]) -> None:
+    """Every full page of `tokens` is in the prefix cache and holds, in every layer, what
+    a contiguous cache holds for those positions."""
+    from model.paged_kv_cache import page_key
+    from tinygrad_lite import Tensor, backend, no_grad
+    cache, page_size, key = model.new_cache(1), engine.page_size, None
+    with no_grad():
+        model(Tensor([tokens], dtype="int64"), cache=cache)
+    for i in range(len(tokens) // page_size):
+        chunk = tokens[page_size * i:page_size * (i + 1)]
+        key = page_key(key, chunk)
+        page = engine.pool.lookup(key, chunk)
+        assert page is not None, i
+        for layer in range(model.config.n_layer):
+            for pool, contiguous in ((engine.cache.k, cache.k), (engine.cache.v, cache.v)):
+                np.testing.assert_allclose(
+                    backend.to_numpy(pool[layer][page]),
+                    backend.to_numpy(contiguous[layer][0, :, page_size * i:page_size * (i + 1)]).transpose(1, 0, 2),
+                    rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("pos", ["learned", "rope"])
 def test_pages_filled_while_decoding_hold_the_keys_and_values_of_a_contiguous_cache(pos):
     # while a group decodes, its rows reach the pages only when the group breaks up, when a
     # step reads pages, or when the engine goes idle (PagedBatch.attend's write-back); every
     # full page must then hold what generate()'s contiguous cache holds for those
     # positions, and serve a later prefix hit
-    from model.paged_kv_cache import page_key
-    from tinygrad_lite import Tensor, backend, no_grad
     model = tiny_gpt(pos)
     engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
     first = prompts([5, 7, 6])
     rids = [engine.submit(p, n, temperature=0) for p, n in zip(first, (21, 13, 17))]  # they leave one by one
     results = engine.run()
     for rid, p in zip(rids, first):
-        tokens = p + results[rid][:-1]  # (the last token's keys were never computed)
-        cache = model.new_cache(1)
-        with no_grad():
-            model(Tensor([tokens], dtype="int64"), cache=cache)
-        key = None
-        for i in range(len(tokens) // 4):
-            key = page_key(key, tokens[4 * i:4 * i + 4])
-            page = engine.pool.lookup(key, tokens[4 * i:4 * i + 4])
-            assert page is not None, (rid, i)
-            for layer in range(model.config.n_layer):
-                for pool, contiguous in ((engine.cache.k, cache.k), (engine.cache.v, cache.v)):
-                    np.testing.assert_allclose(backend.to_numpy(pool[layer][page]),
-                                               backend.to_numpy(contiguous[layer][0, :, 4 * i:4 * i + 4]).transpose(1, 0, 2),
-                                               rtol=1e-5, atol=1e-6)
+        assert_full_pages_hold(engine, model, p + results[rid][:-1])  # (the last token's keys were never computed)
     later = [p + results[rid][:-1] for p, rid in zip(first, rids)]  # starts with pages filled by decoding
     hits = engine.prefix_hits
     again = [engine.submit(p, 6, temperature=0) for p in later]
@@ -131,6 +137,23 @@ def test_a_prefix_hit_on_a_page_a_running_group_filled_while_decoding_reads_its_
     for rid, p in zip(rids, first):
         assert results[rid] == alone(model, p, 20)
     assert_pool_is_empty(engine)
+
+
+def test_the_pages_hold_a_cancelled_requests_decoded_rows_once_nothing_runs():
+    # cancelling the last running request leaves the engine idle in a step that runs no
+    # forward pass; the full pages its decoding filled (only in its gathered copy until
+    # then) must reach the pool there too, so that a prefix hit can revive them
+    model = tiny_gpt()
+    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
+    prompt = prompts([4], seed=7)[0]
+    rid = engine.submit(prompt, 20, temperature=0)
+    for _ in range(10):  # a prefill and 9 decode steps: pages 1 and 2 filled while decoding
+        engine.step()
+    engine.cancel(rid)
+    engine.step()
+    assert not engine.has_work() and engine.request(rid).finish_reason == "cancelled"
+    output = engine.request(rid).output
+    assert_full_pages_hold(engine, model, prompt + output[:-1])
 
 
 def test_sequences_that_decoded_as_one_group_go_on_right_when_it_breaks_up():
