@@ -78,9 +78,10 @@ def sequence_logps(logits: Tensor, targets: np.ndarray) -> Tensor:
 def kl_to_reference(policy_logits: Tensor, reference_logits: Tensor, targets: np.ndarray) -> float:
     """Mean over the answer positions of KL(pi || ref) between the next-token distributions:
     how far the policy has moved from the reference, where it writes answers."""
-    p = F.log_softmax(policy_logits.detach(), axis=-1).numpy()  # host copies: this is for the log
-    r = F.log_softmax(reference_logits.detach(), axis=-1).numpy()
-    kl = (np.exp(p) * (p - r)).sum(axis=-1)  # (B, T)
+    p = F.log_softmax(policy_logits.detach(), axis=-1).numpy().astype(np.float64)  # host copies: for the log
+    r = F.log_softmax(reference_logits.detach(), axis=-1).numpy().astype(np.float64)
+    # (a KL is >= 0, but float32 log-probs of two nearly equal models can sum to -1e-9)
+    kl = np.maximum((np.exp(p) * (p - r)).sum(axis=-1), 0.0)  # (B, T)
     keep = targets != IGNORE
     return float(kl[keep].mean()) if keep.any() else 0.0
 
