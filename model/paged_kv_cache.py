@@ -103,9 +103,14 @@ class PagedKVCache:
         self.device = device or backend.default_device()
         xp = backend.namespace(self.device)
         shape = (num_blocks, page_size, n_head, head_size)
-        # (empty, not zeros: a position is always written before attention reads it)
-        self.k = [xp.empty(shape, dtype=dtype) for _ in range(n_layer)]
-        self.v = [xp.empty(shape, dtype=dtype) for _ in range(n_layer)]
+        # NOTE: written through once now (full; empty leaves the memory untouched): the
+        # pool is held for the server's life, and the first write to each 4 KB of it is a
+        # page fault. Left to the steps, that cost them 0.32 ms per 512 KB of pages written
+        # (0.05 ms once touched; 2-core AMD EPYC VM). A vLLM server, too, sets up its whole
+        # pool at start. (Attention never reads a position before it is written: the zeros
+        # are not for it.)
+        self.k = [xp.full(shape, 0, dtype=dtype) for _ in range(n_layer)]
+        self.v = [xp.full(shape, 0, dtype=dtype) for _ in range(n_layer)]
         self.page_size, self.n_head, self.head_size = page_size, n_head, head_size
         self.pool = PagePool(num_blocks)
         # per layer: the groups of the last step, gathered (see PagedBatch.attend)
