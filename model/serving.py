@@ -143,7 +143,8 @@ class Engine:
         self.preemptions = 0
         self.forward_passes = 0
         self._cancels = 0  # cancel() calls since the last step
-        self._last: tuple | None = None  # the last forward's segments and PagedBatch (_forward)
+        self._view: PagedBatch | None = None  # the last forward's layout of the batch (_forward)
+        self._regrouped = True  # has a sequence joined, left or been preempted since then?
 
     # --- the public API -----------------------------------------------------------------
 
@@ -264,6 +265,7 @@ class Engine:
             request.prefix_tokens += hits * self.page_size
             self.waiting.popleft()
             self.running.append(request)
+            self._regrouped = True
             request.admissions += 1
             batch.append((request, n))
             budget -= n
@@ -283,6 +285,7 @@ class Engine:
         """Give back the request's pages; it waits at the front, to be computed again."""
         self._release(request)
         self.running.remove(request)
+        self._regrouped = True
         self.waiting.appendleft(request)
         self.preemptions += 1
 
@@ -320,30 +323,25 @@ class Engine:
     def _forward(self, batch: list[tuple[Request, int]]) -> tuple[list[Request], Any]:
         """One forward pass over the batch's new tokens, packed in one row. Returns the R
         requests whose known tokens are now all computed, and their host logits (R, V)."""
-        ids, segments, wanted, due = [], [], [], []
-        last, view = self._last, None
-        continues = last is not None and len(last[0]) == len(batch)  # (the same sequences as last step?)
-        for i, (request, n) in enumerate(batch):
+        ids, wanted, due = [], [], []
+        for request, n in batch:
             start = request.num_cached
             ids += request.tokens[start:start + n]
-            segment = ((request.id, request.admissions), request.pages, start, n,
-                       len(request.prompt) + request.max_new_tokens)
-            segments.append(segment)
-            if continues:  # last step's i-th sequence, on the same pages, one token further?
-                before = last[0][i]
-                continues = n == 1 and segment[0] == before[0] and segment[1] is before[1] and start == before[2] + 1
             if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
                 wanted.append(len(ids) - 1)
                 due.append(request)
+        view = None
+        if not self._regrouped and len(ids) == len(batch):  # last step's sequences, one token each
+            view = self._view.next_step()  # (None unless last step decoded them too)
+        if view is None:
+            view = PagedBatch(self.cache, [((r.id, r.admissions), r.pages, r.num_cached, n,
+                                            len(r.prompt) + r.max_new_tokens) for r, n in batch])
         device = self.cache.device
-        if continues:
-            view = last[1].next_step()
-        view = view or PagedBatch(self.cache, segments)
         columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
         with no_grad():
             logits, _ = self.model(backend.asarray([ids], device), cache=view, logits_at=at)
-        self._last = (segments, view)
+        self._view, self._regrouped = view, False
         self.forward_passes += 1
         self.computed_tokens += len(ids)
         for request, n in batch:
@@ -381,5 +379,6 @@ class Engine:
         self._release(request)
         if request in self.running:
             self.running.remove(request)
+            self._regrouped = True
         elif request in self.waiting:
             self.waiting.remove(request)
