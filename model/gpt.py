@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import tinygrad_lite.functional as F
 from tinygrad_lite import Tensor, backend, nn
 
+from . import fast_decode
 from .attention import CausalSelfAttention
 from .kv_cache import KVCache
 from .rope import RotaryEmbedding
@@ -139,6 +140,8 @@ class GPT(nn.Module):
         end = cache.end if paged else start_pos + T
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
+        if fast_decode.applies(self, idx, cache, targets):  # inference in the fast tier: the same kernels, no op machinery
+            return fast_decode.forward(self, idx, cache, start_pos, logits_at), None
         x = F.embedding(self.wte.weight, idx)  # (B, T, C)
         if self.wpe is not None:
             positions = (cache.positions if paged else

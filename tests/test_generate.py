@@ -91,15 +91,71 @@ def test_decoding_a_token_under_no_grad_builds_no_function_and_keeps_nothing(tie
 
     with tinygrad_lite.functional.ops_tier(tier):
         cache = model.new_cache(1)
+        spares = tensor_module._spares.__dict__
+        spares.clear()
         with no_grad():
             decode_one_token(cache)  # the prompt's token: the first use of each op's spare
             built.clear()
             decode_one_token(cache)
         assert built == []
-        spares = tensor_module._spares.__dict__
-        assert len(spares) > 5 and all(vars(ctx) == {} for ctx in spares.values())
+        if tier == "fast":  # the lean decode step (model/fast_decode.py) runs no op at all
+            assert spares == {}
+        else:
+            assert len(spares) > 5 and all(vars(ctx) == {} for ctx in spares.values())
         decode_one_token(cache)  # with gradients on, the same step records its graph
         assert len(built) > 10
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_lean_decode_step_gives_the_usual_paths_logits_to_the_bit(bias, batch, monkeypatch):
+    from model import fast_decode
+    from tinygrad_lite import no_grad
+    model = tiny_gpt(bias=bias)
+    model.eval()
+    rng = np.random.default_rng(0)
+    prompt = Tensor(rng.integers(0, 11, (batch, 5)), dtype="int64")
+    lean_cache, usual_cache = model.new_cache(batch, 12), model.new_cache(batch, 12)
+    taken = []
+    real_forward = fast_decode.forward
+    monkeypatch.setattr(fast_decode, "forward", lambda *a: taken.append(1) or real_forward(*a))
+    with no_grad():
+        for cache in (lean_cache, usual_cache):  # a prefill of 5 tokens: the usual path, both
+            model(prompt, cache=cache)
+        assert taken == []
+        for pos in range(5, 12):
+            token = Tensor(rng.integers(0, 11, (batch, 1)), dtype="int64")
+            lean, _ = model(token, cache=lean_cache, start_pos=pos)
+            with monkeypatch.context() as m:
+                m.setattr(fast_decode, "applies", lambda *a: False)
+                usual, _ = model(token, cache=usual_cache, start_pos=pos)
+            np.testing.assert_array_equal(lean.numpy(), usual.numpy())
+            for layer in range(2):
+                np.testing.assert_array_equal(backend.to_numpy(lean_cache.k[layer][:, :, :pos + 1]),
+                                              backend.to_numpy(usual_cache.k[layer][:, :, :pos + 1]))
+    assert len(taken) == 7 and lean_cache.pos == usual_cache.pos == 12
+    with no_grad(), pytest.raises(ValueError, match="KV cache holds"):  # past its end: the cache's own error
+        model(token, cache=lean_cache, start_pos=12)
+
+
+def test_the_lean_decode_step_stays_out_of_training_rope_and_the_other_tiers():
+    from model import fast_decode
+    from tinygrad_lite import no_grad
+    token = np.array([[3]])
+    model = tiny_gpt()
+    cache = model.new_cache(1)
+    with no_grad():
+        assert fast_decode.applies(model, token, cache, None)  # (training mode, but no dropout to draw)
+        dropping = tiny_gpt(dropout=0.1)
+        assert not fast_decode.applies(dropping, token, dropping.new_cache(1), None)
+        assert fast_decode.applies(dropping.eval(), token, dropping.new_cache(1), None)
+        assert not fast_decode.applies(model, token, None, None)  # no cache: the usual path
+        assert not fast_decode.applies(model, np.array([[3, 4]]), cache, None)  # a prefill
+        with tinygrad_lite.functional.ops_tier("fused"):
+            assert not fast_decode.applies(model, token, cache, None)
+        rope = tiny_gpt(pos="rope").eval()
+        assert not fast_decode.applies(rope, token, rope.new_cache(1), None)
+    assert not fast_decode.applies(model, token, cache, None)  # gradients on
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])

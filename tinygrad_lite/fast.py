@@ -75,20 +75,26 @@ def _gelu_backward(x, y, grad, d):
     d *= grad
 
 
+def gelu_array(x):
+    """gelu(x) of a contiguous array: FastGELU's forward, also run by the lean decode step
+    (model/fast_decode.py)."""
+    out = xp_of(x).empty_like(x)
+    if x.size <= CHUNK_ELEMENTS:  # one piece (a decoded token's few rows): no pool, no pieces
+        _gelu_forward(x, out)
+    else:
+        parallel_rows(_gelu_forward, x.reshape(-1), out.reshape(-1), chunked=True)
+    return out
+
+
 class FastGELU(Function):
     """FusedGELU as in-place steps in cache-sized pieces, in row blocks on all cores. Keeps
     x and the output (the next Linear keeps that anyway), not exp(-2u) (recomputed)."""
 
     def forward(self, x):
         xp = xp_of(x)
-        x = xp.ascontiguousarray(x).reshape(x.shape)  # (ascontiguousarray makes 0-d into 1-d)
-        out = xp.empty_like(x)
-        if x.size <= CHUNK_ELEMENTS:  # one piece (a decoded token's few rows): no pool, no pieces
-            _gelu_forward(x, out)
-        else:
-            parallel_rows(_gelu_forward, x.reshape(-1), out.reshape(-1), chunked=True)
-        self.x, self.out = x, out
-        return out
+        self.x = x = xp.ascontiguousarray(x).reshape(x.shape)  # (ascontiguousarray makes 0-d into 1-d)
+        self.out = gelu_array(x)
+        return self.out
 
     def backward(self, grad):
         xp = xp_of(grad)
@@ -161,22 +167,27 @@ def _layer_norm_backward(grad, xhat, rstd, weight, dx, g_xhat):
     dx *= rstd
 
 
+def layer_norm_rows(x2d, weight, bias, eps):
+    """Layer norm of rows (N, C) -> (out, xhat, rstd (N, 1)): FastLayerNorm's forward, also
+    run by the lean decode step (model/fast_decode.py)."""
+    xp = xp_of(x2d)
+    out, xhat = xp.empty_like(x2d), xp.empty_like(x2d)
+    rstd = xp.empty((x2d.shape[0], 1), dtype=x2d.dtype)
+    if x2d.size < PARALLEL_MIN_SIZE:  # one block anyway (a decoded token's few rows): no pool
+        _layer_norm_forward(x2d, weight, bias, eps, out, xhat, rstd)
+    else:
+        parallel_rows(lambda x, o, xh, r: _layer_norm_forward(x, weight, bias, eps, o, xh, r),
+                      x2d, out, xhat, rstd, chunked=True)
+    return out, xhat, rstd
+
+
 class FastLayerNorm(Function):
     """FusedLayerNorm on (N, C) rows, in row blocks on all cores, each in cache-sized
     pieces, into preallocated buffers."""
 
     def forward(self, x, weight, bias, eps=1e-5):
-        xp = xp_of(x)
-        C = x.shape[-1]
-        x2d = x.reshape(-1, C)  # (N, C)
-        out, xhat = xp.empty_like(x2d), xp.empty_like(x2d)
-        rstd = xp.empty((x2d.shape[0], 1), dtype=x.dtype)
-        if x2d.size < PARALLEL_MIN_SIZE:  # one block anyway (a decoded token's few rows): no pool
-            _layer_norm_forward(x2d, weight, bias, eps, out, xhat, rstd)
-        else:
-            parallel_rows(lambda x, o, xh, r: _layer_norm_forward(x, weight, bias, eps, o, xh, r),
-                          x2d, out, xhat, rstd, chunked=True)
-        self.xhat, self.rstd, self.weight, self.has_bias = xhat, rstd, weight, bias is not None
+        out, self.xhat, self.rstd = layer_norm_rows(x.reshape(-1, x.shape[-1]), weight, bias, eps)
+        self.weight, self.has_bias = weight, bias is not None
         return out.reshape(x.shape)
 
     def backward(self, grad):
@@ -195,6 +206,20 @@ class FastLayerNorm(Function):
 SMALL_ROWS = 256  # up to this many rows, (W x^T)^T is the faster product for a row-major W (measured below)
 
 
+def linear_rows(x2d, weight, bias=None):
+    """x2d (N, in) @ W^T + b -> (N, out): FastLinear's forward (the product by W's layout, see
+    below), also run by the lean decode step (model/fast_decode.py)."""
+    if column_major(weight):  # W^T row-major: (N, in) @ (in, out) as it lies
+        out = small_matmul(x2d, weight.T)
+    elif x2d.shape[0] <= SMALL_ROWS:
+        out = xp_of(x2d).ascontiguousarray(small_matmul(weight, x2d.T).T)  # (N, out)
+    else:
+        out = x2d @ weight.T
+    if bias is not None:
+        out += bias
+    return out
+
+
 class FastLinear(Function):
     """FusedLinear, with the product of few rows (a decoded token) chosen by W's layout.
 
@@ -209,18 +234,9 @@ class FastLinear(Function):
     """
 
     def forward(self, x, weight, bias=None):
-        xp = xp_of(x)
         self.x2d = x.reshape(-1, x.shape[-1])  # (N, in)
         self.weight, self.has_bias, self.in_shape = weight, bias is not None, x.shape
-        if column_major(weight):  # W^T row-major: (N, in) @ (in, out) as it lies
-            out = small_matmul(self.x2d, weight.T)
-        elif self.x2d.shape[0] <= SMALL_ROWS:
-            out = xp.ascontiguousarray(small_matmul(weight, self.x2d.T).T)  # (N, out)
-        else:
-            out = self.x2d @ weight.T
-        if bias is not None:
-            out += bias
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        return linear_rows(self.x2d, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
     backward = FusedLinear.backward  # the same gradients: dx = g W, dW = g^T x, db = sum(g)
 
