@@ -22,6 +22,8 @@ from tinygrad_lite import Tensor, backend, is_grad_enabled
 from tinygrad_lite.fast import gelu_array, layer_norm_rows, linear_rows
 from tinygrad_lite.fast_attention import SPLIT_MIN_SIZE, decode_forward
 
+from .paged_kv_cache import causal_attention
+
 
 def applies(model: Any, idx, cache: Any, targets: Any) -> bool:
     """Can this forward pass take the lean path? Inference (no gradients, no dropout) in the
@@ -47,6 +49,16 @@ def _layer_norm(x2d, norm: Any):
     return layer_norm_rows(x2d, norm.weight.data, None if norm.bias is None else norm.bias.data, norm.eps)[0]
 
 
+def _attention(queries, keys, values):
+    """The paged cache's causal attention (g, nh, n, hs) over (g, nh, context, hs): for one
+    query each (decoding), fast_attention.decode_forward itself, as FastAttention would run
+    it; otherwise that op (a prefill's tiles, in blocks on the cores)."""
+    if queries.shape[-2] == 1 and queries.size < SPLIT_MIN_SIZE:
+        out = backend.xp_of(queries).empty_like(queries)
+        return decode_forward(queries, keys, values, out)
+    return causal_attention(queries, keys, values)
+
+
 def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None) -> Tensor:
     """idx (B, T) token ids -> logits (B, T, V) (or the columns logits_at picks), as
     GPT.forward computes them, writing this step's keys and values into `cache`."""
@@ -59,7 +71,7 @@ def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None) -> Tens
         qkv = _linear(_layer_norm(x, block.ln_1), attn.c_attn)  # (B T, 3C)
         if cache.paged:  # the engine's pages: its attend runs every sequence's attention
             heads = qkv.reshape(T, 3, n_head, C // n_head)  # (N, 3, nh, hs) views
-            y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2]).reshape(B * T, C)
+            y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2], _attention).reshape(B * T, C)
         else:  # one query per sequence over the contiguous cache
             heads = qkv.reshape(B, 3, n_head, C // n_head)[:, :, :, None]  # (B, 3, nh, 1, hs) views
             cache.write(layer, heads[:, 1], heads[:, 2], start_pos)

@@ -151,6 +151,12 @@ class PagedKVCache:
                 copy.written = copy.context
 
 
+def causal_attention(queries, keys, values):
+    """Causal attention of arrays (g, nh, n, hs) over (g, nh, context, hs) -> (g, nh, n, hs),
+    by the selected ops tier (wrapped without a copy or checks: the model's own arrays)."""
+    return F.scaled_dot_product_attention(*map(Tensor._from_array, (queries, keys, values)), causal=True).data
+
+
 def _as_slice(columns: list[int]) -> slice | None:
     """A run of consecutive columns as a slice (indexing by it is a view, not a copy)."""
     if columns[-1] - columns[0] == len(columns) - 1:  # (they increase: so no gap)
@@ -219,13 +225,15 @@ class PagedBatch:
             _can_grow(kept.get(group[0]), context) for group, _, context, _ in growing) else None
         return after
 
-    def attend(self, layer: int, q, k, v):
+    def attend(self, layer: int, q, k, v, attention=None):
         """q, k, v (N, nh, hs) arrays of the packed tokens -> attention output (N, nh, hs).
 
         Each group of alike sequences stores its new keys and values and gathers all of
-        its own through its block tables; then it runs the model's causal attention
-        (F.scaled_dot_product_attention: the selected ops tier) on them. Inference only:
-        nothing here is recorded for a backward.
+        its own through its block tables; then it runs the model's causal attention on
+        them: `attention` (queries, keys, values) -> output, arrays, by default
+        `causal_attention` (F.scaled_dot_product_attention: the selected ops tier; the lean
+        decode step passes the fast tier's kernels themselves). Inference only: nothing
+        here is recorded for a backward.
 
         NOTE: gathering every page again at every step would copy the whole context per
         token (~85 us per layer for 8 x 264 tokens here, 15% of a decode step). So each
@@ -240,6 +248,7 @@ class PagedBatch:
         """
         cache, rows = self.cache, (-1,) + q.shape[1:]
         kept, gathered, outputs = cache.gathered[layer], {}, []
+        attention = attention or causal_attention
         if self.plan is None:  # (every layer kept the same groups: what to do is decided once a step)
             self.plan = self._plan(kept)
         for members, slots in self.plan.flush:  # rows only a copy holds go to the pages before anyone reads them
@@ -259,10 +268,8 @@ class PagedBatch:
                     layer, tables, context, limit)
             gathered[members] = group
             queries = q[columns].reshape(len(tables), n, *rows[1:]).transpose(0, 2, 1, 3)  # (g, nh, n, hs)
-            # (wrapped without a copy or checks: these are the model's own arrays)
-            keys, values = group.keys[:, :, :context], group.values[:, :, :context]
-            out = F.scaled_dot_product_attention(*map(Tensor._from_array, (queries, keys, values)), causal=True)
-            outputs.append((columns, out.data.transpose(0, 2, 1, 3).reshape(rows)))  # (g n, nh, hs)
+            out = attention(queries, group.keys[:, :, :context], group.values[:, :, :context])  # (g, nh, n, hs)
+            outputs.append((columns, out.transpose(0, 2, 1, 3).reshape(rows)))  # (g n, nh, hs)
         cache.gathered[layer] = gathered  # only this step's groups are worth keeping
         if len(outputs) == 1:  # one group holds the whole row, in order
             return outputs[0][1]

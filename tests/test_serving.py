@@ -38,8 +38,8 @@ def alone(model: GPT, prompt: list[int], n: int, **sampling) -> list[int]:
 
 
 def poisoned(engine: Engine) -> Engine:
-    """The engine with NaN in every page: the pool is allocated uninitialised, so a row
-    that never reached its page would otherwise read whatever memory was there."""
+    """The engine with NaN in every page: the pool starts as zeros, and a row that never
+    reached its page would read those without anyone noticing."""
     for pool in engine.cache.k + engine.cache.v:
         pool[...] = float("nan")
     return engine
@@ -51,6 +51,40 @@ def assert_pool_is_empty(engine: Engine) -> None:
 
 
 # --- the engine's outputs are generate()'s ------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_lean_step_gives_the_engine_the_usual_paths_logits_to_the_bit(bias, monkeypatch):
+    # model/fast_decode.py runs every engine step (prefills and decodes) straight through
+    # the fast kernels; with it switched off, each step goes through the ops: same logits
+    from model import fast_decode
+    model = tiny_gpt(bias=bias)
+    logits = {}
+    for lean in (True, False):
+        engine = poisoned(Engine(model, max_batch_size=3, page_size=4, num_blocks=32))
+        seen = logits[lean] = []
+        engine._forward = _recording(engine, seen)
+        with monkeypatch.context() as m:
+            if not lean:
+                m.setattr(fast_decode, "applies", lambda *a: False)
+            for i, p in enumerate(prompts([5, 9, 3, 7], seed=4)):
+                engine.submit(p, 6 + i, temperature=0)
+                engine.step()
+            engine.run()
+    assert len(logits[True]) == len(logits[False]) > 10
+    for lean, usual in zip(logits[True], logits[False]):
+        np.testing.assert_array_equal(lean, usual)
+
+
+def _recording(engine: Engine, seen: list):
+    """engine._forward, keeping a copy of each step's logits in `seen`."""
+    real = engine._forward
+
+    def forward(batch):
+        due, logits = real(batch)
+        seen.append(logits.copy())
+        return due, logits
+    return forward
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
