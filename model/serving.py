@@ -63,6 +63,7 @@ class Request:
     finished: float | None = None
     cancel_requested: bool = False
     admissions: int = 0  # times it entered the running batch (a preempted one comes back)
+    sequence: int = -1  # names what its pages hold while it runs (PagedBatch's sequence id): new at each admission
     text: str = ""  # the text so far, without a stop string (with a tokenizer)
     tokens: list[int] = field(init=False)  # prompt + output, kept as one list (read every step)
 
@@ -136,6 +137,7 @@ class Engine:
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
+        self._sequences = itertools.count()  # (an int per admission: cheap to hash, every layer of every step)
         self.prefix_caching = prefix_caching
         self.prefix_hits = 0
         self.prefix_hit_tokens = 0
@@ -267,6 +269,7 @@ class Engine:
             self.running.append(request)
             self._regrouped = True
             request.admissions += 1
+            request.sequence = next(self._sequences)
             batch.append((request, n))
             budget -= n
         return batch
@@ -334,8 +337,8 @@ class Engine:
         if not self._regrouped and len(ids) == len(batch):  # last step's sequences, one token each
             view = self._view.next_step()  # (None unless last step decoded them too)
         if view is None:
-            view = PagedBatch(self.cache, [((r.id, r.admissions), r.pages, r.num_cached, n,
-                                            len(r.prompt) + r.max_new_tokens) for r, n in batch])
+            view = PagedBatch(self.cache, [(r.sequence, r.pages, r.num_cached, n, len(r.prompt) + r.max_new_tokens)
+                                           for r, n in batch])
         device = self.cache.device
         columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
