@@ -69,16 +69,18 @@ def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None) -> Tens
     for layer, block in enumerate(model.h):
         attn = block.attn
         qkv = _linear(_layer_norm(x, block.ln_1), attn.c_attn)  # (B T, 3C)
-        if cache.paged:  # the engine's pages: its attend runs every sequence's attention
-            heads = qkv.reshape(T, 3, n_head, C // n_head)  # (N, 3, nh, hs) views
-            y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2], _attention).reshape(B * T, C)
-        else:  # one query per sequence over the contiguous cache
-            heads = qkv.reshape(B, 3, n_head, C // n_head)[:, :, :, None]  # (B, 3, nh, 1, hs) views
-            cache.write(layer, heads[:, 1], heads[:, 2], start_pos)
-            y = backend.xp_of(x).empty((B, 1, n_head, C // n_head), dtype=x.dtype)  # heads side by side
-            end = start_pos + 1
-            decode_forward(heads[:, 0], cache.k[layer][:, :, :end], cache.v[layer][:, :, :end], y.transpose(0, 2, 1, 3))
-            y = y.reshape(B, C)
+        heads = qkv.reshape(B * T, 3, n_head, C // n_head)  # (rows, 3, nh, hs) views: each row's q, k, v
+        if cache.paged:  # the engine's pages: a steady step goes into its copy in short, any other to attend
+            kv = cache.decode_in_place(layer, heads[:, 1], heads[:, 2])
+            if kv is None:
+                y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2], _attention).reshape(B * T, C)
+        else:  # the contiguous cache (T == 1: a row per sequence)
+            cache.write(layer, heads[:, 1, :, None], heads[:, 2, :, None], start_pos)
+            kv = cache.k[layer][:, :, :start_pos + 1], cache.v[layer][:, :, :start_pos + 1]
+        if kv is not None:  # one query per row over its keys and values (rows, nh, context, hs)
+            y = backend.xp_of(x).empty((B * T, 1, n_head, C // n_head), dtype=x.dtype)  # heads side by side
+            decode_forward(heads[:, 0, :, None], *kv, y.transpose(0, 2, 1, 3))
+            y = y.reshape(B * T, C)
         x = x + _linear(y, attn.c_proj)  # the residual stream (B T, C)
         mlp = block.mlp
         x = x + _linear(gelu_array(_linear(_layer_norm(x, block.ln_2), mlp.c_fc)), mlp.c_proj)

@@ -56,10 +56,14 @@ def assert_pool_is_empty(engine: Engine) -> None:
 @pytest.mark.parametrize("bias", [False, True])
 def test_the_lean_step_gives_the_engine_the_usual_paths_logits_to_the_bit(bias, monkeypatch):
     # model/fast_decode.py runs every engine step (prefills and decodes) straight through
-    # the fast kernels; with it switched off, each step goes through the ops: same logits
-    from model import fast_decode
+    # the fast kernels, a steady decode step into its copy in short (decode_in_place);
+    # with it switched off, each step goes through the ops: the same logits
+    from model import fast_decode, paged_kv_cache
     model = tiny_gpt(bias=bias)
-    logits = {}
+    logits, steady = {}, []
+    real_decode = paged_kv_cache.PagedBatch.decode_in_place
+    monkeypatch.setattr(paged_kv_cache.PagedBatch, "decode_in_place",
+                        lambda *a: steady.append(real_decode(*a)) or steady[-1])
     for lean in (True, False):
         engine = poisoned(Engine(model, max_batch_size=3, page_size=4, num_blocks=32))
         seen = logits[lean] = []
@@ -72,6 +76,7 @@ def test_the_lean_step_gives_the_engine_the_usual_paths_logits_to_the_bit(bias, 
                 engine.step()
             engine.run()
     assert len(logits[True]) == len(logits[False]) > 10
+    assert any(kv is not None for kv in steady)  # steady steps took the short way into their copies
     for lean, usual in zip(logits[True], logits[False]):
         np.testing.assert_array_equal(lean, usual)
 
