@@ -225,7 +225,7 @@ class PagedBatch:
             _can_grow(kept.get(group[0]), context) for group, _, context, _ in growing) else None
         return after
 
-    def attend(self, layer: int, q, k, v, attention=None):
+    def attend(self, layer: int, q, k, v, attention=causal_attention):
         """q, k, v (N, nh, hs) arrays of the packed tokens -> attention output (N, nh, hs).
 
         Each group of alike sequences stores its new keys and values and gathers all of
@@ -248,7 +248,6 @@ class PagedBatch:
         """
         cache, rows = self.cache, (-1,) + q.shape[1:]
         kept, gathered, outputs = cache.gathered[layer], {}, []
-        attention = attention or causal_attention
         if self.plan is None:  # (every layer kept the same groups: what to do is decided once a step)
             self.plan = self._plan(kept)
         for members, slots in self.plan.flush:  # rows only a copy holds go to the pages before anyone reads them
@@ -257,9 +256,7 @@ class PagedBatch:
             k_new, v_new = k[columns], v[columns]  # (g n, nh, hs)
             if slots is None:  # decoding: one new row each, into last step's copy (the pages get it later: write_back)
                 group = kept[members]
-                group.keys[:, :, context - 1] = k_new  # (g, nh, hs)
-                group.values[:, :, context - 1] = v_new
-                group.context, group.tables = context, tables  # (its tables may have a new page)
+                group.add_row(k_new, v_new, tables)
             else:
                 cache.k[layer].reshape(rows)[slots] = k_new  # the pool seen as one row per slot: a view
                 cache.v[layer].reshape(rows)[slots] = v_new
@@ -291,9 +288,7 @@ class PagedBatch:
             return None
         (members, tables, _), _, context, _ = plan.groups[0]
         copy = self.cache.gathered[layer][members]
-        copy.keys[:, :, context - 1] = k  # (N, nh, hs): the row of every sequence, at its last position
-        copy.values[:, :, context - 1] = v
-        copy.context, copy.tables = context, tables
+        copy.add_row(k, v, tables)
         return copy.keys[:, :, :context], copy.values[:, :, :context]
 
     def _plan(self, kept: dict) -> "StepPlan":
@@ -368,6 +363,14 @@ class Gathered:
         self.keys, self.values = keys, values  # (g, nh, room, hs), room >= context
         self.tables = tables  # the members' block tables (write_back finds the pages there)
         self.written = written  # positions the pages hold too (the rest wait in this copy: write_back)
+
+    def add_row(self, k, v, tables) -> None:
+        """One more position for every member: its new key and value (g, nh, hs), in this
+        copy only (the pages get it later: write_back). `tables` may have a new page."""
+        self.keys[:, :, self.context] = k
+        self.values[:, :, self.context] = v
+        self.context += 1
+        self.tables = tables
 
 
 class StepPlan(NamedTuple):

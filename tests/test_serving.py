@@ -157,16 +157,23 @@ def test_pages_filled_while_decoding_hold_the_keys_and_values_of_a_contiguous_ca
     assert_pool_is_empty(engine)
 
 
+def decoded_a_while(model: GPT, first: list[list[int]]) -> tuple[Engine, list[int]]:
+    """A poisoned engine (pages of 4) after a prefill of 4-token prompts and 9 decode
+    steps of their 20 new tokens each: the request ids."""
+    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
+    rids = [engine.submit(p, 20, temperature=0) for p in first]
+    for _ in range(10):
+        engine.step()
+    return engine, rids
+
+
 def test_a_prefix_hit_on_a_page_a_running_group_filled_while_decoding_reads_its_rows():
     # the page holding a decoding request's newest full page of output waits in the
     # group's gathered copy; a request arriving meanwhile whose prompt starts with that
     # prompt and output shares the page, so the copy must reach the pages first
     model = tiny_gpt()
-    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
     first = prompts([4, 4], seed=5)
-    rids = [engine.submit(p, 20, temperature=0) for p in first]
-    for _ in range(10):  # a prefill and 9 decode steps: pages 1 and 2 (positions 4-11) filled while decoding
-        engine.step()
+    engine, rids = decoded_a_while(model, first)  # pages 1 and 2 (positions 4-11) filled while decoding
     grown = first[0] + engine.request(rids[0]).output[:8]  # 12 tokens: 3 full pages, 2 of them decoded
     hits = engine.prefix_hits
     late = engine.submit(grown, 5, temperature=0)
@@ -183,11 +190,8 @@ def test_the_pages_hold_a_cancelled_requests_decoded_rows_once_nothing_runs():
     # forward pass; the full pages its decoding filled (only in its gathered copy until
     # then) must reach the pool there too, so that a prefix hit can revive them
     model = tiny_gpt()
-    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
     prompt = prompts([4], seed=7)[0]
-    rid = engine.submit(prompt, 20, temperature=0)
-    for _ in range(10):  # a prefill and 9 decode steps: pages 1 and 2 filled while decoding
-        engine.step()
+    engine, (rid,) = decoded_a_while(model, [prompt])  # pages 1 and 2 filled while decoding
     engine.cancel(rid)
     engine.step()
     assert not engine.has_work() and engine.request(rid).finish_reason == "cancelled"
