@@ -52,7 +52,10 @@ class CausalSelfAttention(nn.Module):
         self.last_weights: Tensor | None = None
 
     def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0,
-                start_pos: int = 0) -> Tensor:
+                start_pos: int = 0, rows=None) -> Tensor:
+        """x (B, T, C) -> (B, T, C). With `rows` (the last block of an inference pass that
+        wants some positions' logits only: gpt.last_block_rows), every row's keys and values
+        are computed but only those rows' queries attend: (B, T', C)."""
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C): Q, K and V of every head in one matmul
         dropout = self.dropout if self.training else 0.0
@@ -62,26 +65,31 @@ class CausalSelfAttention(nn.Module):
             if self.rope is not None:  # each packed token at its own sequence's position
                 q, k = (self.rope(Tensor(t.transpose(1, 0, 2)), positions=cache.positions).data.transpose(1, 0, 2)
                         for t in (q, k))
-            y = cache.attend(layer, q, k, v)  # (N, nh, hs), inference only (no graph)
-            return self.c_proj(Tensor._from_array(y.reshape(B, T, C)))
+            y = cache.attend(layer, q, k, v, rows=rows)  # (N', nh, hs), inference only (no graph)
+            return self.c_proj(Tensor._from_array(y.reshape(B, -1, C)))
         if self.rope is None and not self.keep_weights and F.has_packed_attention():
             # the fast ops tier does all of the below in one kernel, on views of qkv
             kv = None
             if cache is not None:
                 cache.write_packed(layer, qkv, start_pos)
                 kv = cache.read(layer, start_pos + T)
-            return self.resid_dropout(self.c_proj(F.packed_causal_attention(qkv, self.n_head, dropout, kv)))
+            elif rows is not None:  # every row's keys and values, for the rows' queries (inference)
+                kv = tuple(self.split_heads(t).data for t in qkv.split(3, axis=2)[1:])
+            queries = qkv if rows is None else qkv[:, rows]  # (the kernel reads q from it; k, v from kv)
+            return self.resid_dropout(self.c_proj(F.packed_causal_attention(queries, self.n_head, dropout, kv)))
         q, k, v = (self.split_heads(t) for t in qkv.split(3, axis=2))  # 3 x (B, nh, T, hs)
         if self.rope is not None:  # rotate queries and keys by their absolute positions
             q, k = self.rope(q, start_pos), self.rope(k, start_pos)
         if cache is not None:  # decode: store this step's K, V and attend to every cached one
             cache.write(layer, k, v, start_pos)
             k, v = cache.read(layer, start_pos + T)  # (B, nh, start_pos + T, hs)
+        if rows is not None:
+            q = q[:, :, rows]  # (B, nh, T', hs): the last T' positions' queries
         if self.keep_weights:
-            y, self.last_weights = self_attention(q, k, v, causal_mask(q.xp, T, k.shape[-2]))
+            y, self.last_weights = self_attention(q, k, v, causal_mask(q.xp, q.shape[2], k.shape[-2]))
         else:
-            y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh, hs) -> (B, T, C): heads side by side
+            y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_p=dropout)  # (B, nh, T', hs)
+        y = y.transpose(1, 2).reshape(B, -1, C)  # (B, T', nh, hs) -> (B, T', C): heads side by side
         return self.resid_dropout(self.c_proj(y))
 
     def split_heads(self, x: Tensor) -> Tensor:

@@ -59,9 +59,10 @@ def _attention(queries, keys, values):
     return causal_attention(queries, keys, values)
 
 
-def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None) -> Tensor:
+def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None, rows=None) -> Tensor:
     """idx (B, T) token ids -> logits (B, T, V) (or the columns logits_at picks), as
-    GPT.forward computes them, writing this step's keys and values into `cache`."""
+    GPT.forward computes them, writing this step's keys and values into `cache`; `rows`:
+    what the last block computes (gpt.last_block_rows; the paged cache's wanted columns)."""
     B, T = idx.shape
     C, n_head = model.config.n_embd, model.config.n_head
     positions = cache.positions if cache.paged else slice(start_pos, start_pos + T)
@@ -70,10 +71,12 @@ def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None) -> Tens
         attn = block.attn
         qkv = _linear(_layer_norm(x, block.ln_1), attn.c_attn)  # (B T, 3C)
         heads = qkv.reshape(B * T, 3, n_head, C // n_head)  # (rows, 3, nh, hs) views: each row's q, k, v
+        wanted = rows if layer == len(model.h) - 1 else None  # (paged only: B is 1, so rows are columns)
         if cache.paged:  # the engine's pages: a steady step goes into its copy in short, any other to attend
-            kv = cache.decode_in_place(layer, heads[:, 1], heads[:, 2])
+            kv = cache.decode_in_place(layer, heads[:, 1], heads[:, 2]) if wanted is None else None
             if kv is None:
-                y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2], _attention).reshape(B * T, C)
+                y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2], _attention, wanted).reshape(-1, C)
+                x = x if wanted is None else x[wanted]  # (N', C): the rows the last block computes
         else:  # the contiguous cache (T == 1: a row per sequence)
             cache.write(layer, heads[:, 1, :, None], heads[:, 2, :, None], start_pos)
             kv = cache.k[layer][:, :, :start_pos + 1], cache.v[layer][:, :, :start_pos + 1]
@@ -86,8 +89,8 @@ def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None) -> Tens
         x = x + _linear(gelu_array(_linear(_layer_norm(x, block.ln_2), mlp.c_fc)), mlp.c_proj)
     if not cache.paged:
         cache.pos = start_pos + T
-    x = x.reshape(B, T, C)
-    if logits_at is not None:
+    x = x.reshape(B, -1, C)
+    if logits_at is not None and rows is None:
         x = x[:, logits_at]  # (B, T', C): only the positions whose next token is wanted
     logits = linear_rows(_layer_norm(x.reshape(-1, C), model.ln_f), model.wte.weight.data)  # tied output head
     return Tensor._from_array(logits.reshape(*x.shape[:2], -1))

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import tinygrad_lite.functional as F
-from tinygrad_lite import Tensor, backend, nn
+from tinygrad_lite import Tensor, backend, is_grad_enabled, nn
 
 from . import fast_decode
 from .attention import CausalSelfAttention
@@ -50,6 +50,30 @@ class GPTConfig:
         return asdict(self)
 
 
+def last_block_rows(logits_at, T: int, paged: bool):
+    """The rows the last block computes when only logits_at's logits are wanted (None: all).
+
+    Every block needs every row of the block below it (its keys and values), but nothing
+    reads the last block's output except the logits. So when a forward pass only wants
+    some positions' logits (generation: the last one), the last block computes its keys
+    and values for every row (the cache keeps them) and the rest (attention's queries,
+    c_proj, the MLP) for those rows only: a prefill of T tokens saves almost a block's
+    work (llama.cpp, too, drops the rows no output reads in its last layer). Inference
+    only (with gradients every row takes the usual path); for a contiguous batch, the
+    rows must be the last ones (a slice ending at T), which causal attention then aligns
+    at the end of the keys.
+    """
+    if logits_at is None or is_grad_enabled():
+        return None
+    if paged:  # the serving engine's wanted columns (each sequence's last token): the cache sorts them out
+        return logits_at
+    if isinstance(logits_at, slice):
+        start, stop, step = logits_at.indices(T)
+        if step == 1 and stop == T and 0 < start < T:
+            return slice(start, T)
+    return None
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: widen 4x, GELU, project back. (B, T, C) -> (B, T, C)."""
 
@@ -75,8 +99,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0) -> Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, start_pos)
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0,
+                rows=None) -> Tensor:
+        """x (B, T, C) -> (B, T, C); with `rows` (an index or slice of the T columns), only
+        those rows come out (B, T', C): the attention still reads every row's keys and values."""
+        attended = self.attn(self.ln_1(x), cache, layer, start_pos, rows)
+        x = (x if rows is None else x[:, rows]) + attended
         return x + self.mlp(self.ln_2(x))
 
 
@@ -140,8 +168,9 @@ class GPT(nn.Module):
         end = cache.end if paged else start_pos + T
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
+        rows = last_block_rows(logits_at, T, paged)  # what the last block computes (None: every row)
         if fast_decode.applies(self, idx, cache, targets):  # inference in the fast tier: the same kernels, no op machinery
-            return fast_decode.forward(self, idx, cache, start_pos, logits_at), None
+            return fast_decode.forward(self, idx, cache, start_pos, logits_at, rows), None
         x = F.embedding(self.wte.weight, idx)  # (B, T, C)
         if self.wpe is not None:
             positions = (cache.positions if paged else
@@ -149,10 +178,11 @@ class GPT(nn.Module):
             x = x + F.embedding(self.wpe.weight, positions)  # (T, C) broadcast over B
         x = self.drop(x)
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, start_pos)  # (B, T, C)
+            last = layer == len(self.h) - 1
+            x = block(x, cache, layer, start_pos, rows if last else None)  # (B, T, C); the last block: (B, T', C)
         if cache is not None and not paged:
             cache.pos = start_pos + T  # every layer has stored its keys and values for these
-        if logits_at is not None:
+        if logits_at is not None and rows is None:
             x = x[:, logits_at]  # (B, T', C): only the positions whose next token is wanted
         x = self.ln_f(x)
         logits = F.linear(x, self.wte.weight)  # (B, T, V): tied output head

@@ -225,8 +225,10 @@ class PagedBatch:
             _can_grow(kept.get(group[0]), context) for group, _, context, _ in growing) else None
         return after
 
-    def attend(self, layer: int, q, k, v, attention=causal_attention):
-        """q, k, v (N, nh, hs) arrays of the packed tokens -> attention output (N, nh, hs).
+    def attend(self, layer: int, q, k, v, attention=causal_attention, rows=None):
+        """q, k, v (N, nh, hs) arrays of the packed tokens -> attention output (N, nh, hs),
+        or with `rows` (an index array of wanted columns: the last block's, gpt.last_block_rows)
+        only those rows' (N', nh, hs).
 
         Each group of alike sequences stores its new keys and values and gathers all of
         its own through its block tables; then it runs the model's causal attention on
@@ -246,8 +248,9 @@ class PagedBatch:
         when the group breaks up, when a step gathers from pages (a prefix hit may share
         a page the copy has not written yet), and when the engine goes idle (settle).
         """
-        cache, rows = self.cache, (-1,) + q.shape[1:]
+        cache, shape = self.cache, (-1,) + q.shape[1:]
         kept, gathered, outputs = cache.gathered[layer], {}, []
+        wanted = None if rows is None else {c: i for i, c in enumerate(backend.to_numpy(rows).tolist())}
         if self.plan is None:  # (every layer kept the same groups: what to do is decided once a step)
             self.plan = self._plan(kept)
         for members, slots in self.plan.flush:  # rows only a copy holds go to the pages before anyone reads them
@@ -258,21 +261,53 @@ class PagedBatch:
                 group = kept[members]
                 group.add_row(k_new, v_new, tables)
             else:
-                cache.k[layer].reshape(rows)[slots] = k_new  # the pool seen as one row per slot: a view
-                cache.v[layer].reshape(rows)[slots] = v_new
+                cache.k[layer].reshape(shape)[slots] = k_new  # the pool seen as one row per slot: a view
+                cache.v[layer].reshape(shape)[slots] = v_new
                 limit = self.limits[n, context]
                 group = self.grown(kept.get(members), tables, n, context, limit, k_new, v_new) or self.gathered_afresh(
                     layer, tables, context, limit)
             gathered[members] = group
-            queries = q[columns].reshape(len(tables), n, *rows[1:]).transpose(0, 2, 1, 3)  # (g, nh, n, hs)
+            if wanted is not None:  # only some rows wanted: just the last query of each member, if those
+                columns, n = self._last_queries(columns, n, wanted)
+                if columns is None:
+                    continue  # no row of this group is wanted (a prompt's first chunks): keys and values only
+            queries = q[columns].reshape(len(tables), n, *shape[1:]).transpose(0, 2, 1, 3)  # (g, nh, n, hs)
             out = attention(queries, group.keys[:, :, :context], group.values[:, :, :context])  # (g, nh, n, hs)
-            outputs.append((columns, out.transpose(0, 2, 1, 3).reshape(rows)))  # (g n, nh, hs)
+            outputs.append((columns, out.transpose(0, 2, 1, 3).reshape(shape)))  # (g n, nh, hs)
         cache.gathered[layer] = gathered  # only this step's groups are worth keeping
+        if wanted is not None:
+            return self._wanted_rows(outputs, wanted, q)
         if len(outputs) == 1:  # one group holds the whole row, in order
             return outputs[0][1]
         y = backend.xp_of(q).empty(q.shape, dtype=q.dtype)
         for columns, out in outputs:
             y[columns] = out
+        return y
+
+    @staticmethod
+    def _last_queries(columns, n: int, wanted: dict):
+        """A group's columns whose queries must attend when only `wanted` rows are: (each
+        member's last column, 1) when the wanted ones of the group are such (the engine wants
+        a prompt's last token only: its next token's logits); (None, n) when none is; else
+        (columns, n), all of them."""
+        listed = list(range(columns.start, columns.stop)) if isinstance(columns, slice) else columns.tolist()
+        if not any(c in wanted for c in listed):
+            return None, n
+        if n == 1 or any(c in wanted for i, c in enumerate(listed) if i % n != n - 1):
+            return columns, n
+        return columns[n - 1::n] if not isinstance(columns, slice) else slice(columns.start + n - 1, columns.stop, n), 1
+
+    @staticmethod
+    def _wanted_rows(outputs: list, wanted: dict, q):
+        """(N', nh, hs): the groups' outputs (columns, (g n, nh, hs)) at the wanted rows, in
+        their order."""
+        y = backend.xp_of(q).empty((len(wanted),) + q.shape[1:], dtype=q.dtype)
+        for columns, out in outputs:
+            listed = list(range(columns.start, columns.stop, columns.step or 1)) if isinstance(columns, slice) else columns.tolist()
+            picked = [(wanted[c], i) for i, c in enumerate(listed) if c in wanted]
+            if picked:
+                to, at = zip(*picked)
+                y[list(to)] = out[list(at)]
         return y
 
     def decode_in_place(self, layer: int, k, v):

@@ -138,6 +138,49 @@ def test_the_lean_decode_step_gives_the_usual_paths_logits_to_the_bit(bias, batc
         model(token, cache=lean_cache, start_pos=12)
 
 
+@pytest.mark.parametrize("tier", sorted(tinygrad_lite.functional.TIERS))
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_the_last_block_computes_only_the_rows_whose_logits_are_wanted(tier, pos, monkeypatch):
+    # gpt.last_block_rows: the last block's queries, c_proj and MLP run on the wanted rows
+    # only; the logits are those of the whole pass, and the cache holds every row's keys
+    from tinygrad_lite import no_grad
+    model = tiny_gpt(pos=pos)
+    model.eval()
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 11, (3, 9))
+    rows_seen = {}
+    for i, block in enumerate(model.h):
+        real = block.mlp.forward
+        monkeypatch.setattr(block.mlp, "forward", lambda x, real=real, i=i: rows_seen.setdefault(i, []).append(x.shape[1]) or real(x))
+    with tinygrad_lite.functional.ops_tier(tier):
+        whole, _ = model(Tensor(ids, dtype="int64"))  # gradients on: every row, as training runs it
+        whole = whole.numpy()
+        assert rows_seen == {0: [9], 1: [9]}
+        for at, rows in ((slice(-1, None), 1), (slice(6, 9), 3), (slice(-4, None), 4)):
+            rows_seen.clear()
+            with no_grad():
+                uncached, _ = model(Tensor(ids, dtype="int64"), logits_at=at)
+                cache = model.new_cache(3)
+                model(Tensor(ids[:, :5], dtype="int64"), cache=cache, logits_at=slice(-1, None))
+                cached, _ = model(Tensor(ids[:, 5:], dtype="int64"), cache=cache, start_pos=5,
+                                  logits_at=slice(at.start - 5 if at.start > 0 else at.start, None))
+            assert rows_seen == {0: [9, 5, 4], 1: [rows, 1, rows]}
+            for pruned in (uncached, cached):
+                np.testing.assert_allclose(pruned.numpy(), whole[:, at], rtol=1e-5, atol=1e-5)
+            assert cache.pos == 9
+            for layer in range(2):  # the last block stored all its keys, not just the wanted rows'
+                reference = model.new_cache(3)
+                with no_grad():
+                    model(Tensor(ids, dtype="int64"), cache=reference)
+                np.testing.assert_allclose(backend.to_numpy(cache.k[layer][:, :, :9]),
+                                           backend.to_numpy(reference.k[layer][:, :, :9]), rtol=1e-5, atol=1e-6)
+        rows_seen.clear()
+        with no_grad():  # columns that are not the last ones: every row (causal attention aligns at the end)
+            picked, _ = model(Tensor(ids, dtype="int64"), logits_at=slice(2, 5))
+        assert rows_seen == {0: [9], 1: [9]}
+        np.testing.assert_allclose(picked.numpy(), whole[:, 2:5], rtol=1e-5, atol=1e-5)
+
+
 def test_the_lean_decode_step_stays_out_of_training_rope_and_the_other_tiers():
     from model import fast_decode
     from tinygrad_lite import no_grad

@@ -275,6 +275,34 @@ def test_one_forward_pass_per_step_with_sequences_of_different_lengths(monkeypat
     assert {len(r.tokens) for r in engine.running} == {9, 13, 18}
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_prefill_steps_last_block_attends_from_the_due_sequences_last_token_only(lean, monkeypatch):
+    # gpt.last_block_rows: only the due sequences' next tokens need logits, so the last
+    # layer computes every row's keys and values but attends, projects and runs its MLP
+    # for their last rows only; a long prompt's first chunks only store keys and values
+    from model import fast_decode, paged_kv_cache
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64, max_step_tokens=24)
+    attended = []
+    real_attend = paged_kv_cache.PagedBatch.attend
+
+    def attend(self, layer, q, *args, **kwargs):
+        y = real_attend(self, layer, q, *args, **kwargs)
+        attended.append((layer, len(q), len(y)))
+        return y
+    monkeypatch.setattr(paged_kv_cache.PagedBatch, "attend", attend)
+    if not lean:
+        monkeypatch.setattr(fast_decode, "applies", lambda *a: False)
+    given = prompts([3, 7, 12, 30], seed=2)
+    ids = [engine.submit(p, 6, temperature=0) for p in given]
+    engine.step()  # three whole prompts (22 tokens) and the long one's first 2: three rows attend at the top
+    assert attended == [(0, 24, 24), (1, 24, 3)]
+    attended.clear()
+    engine.step()  # three decodes and 21 more of the long prompt (still not due)
+    assert attended == [(0, 24, 24), (1, 24, 3)]
+    assert engine.run() == {i: alone(model, p, 6) for i, p in zip(ids, given)}
+
+
 # --- pages: prefix sharing, the pool, preemption ----------------------------------------
 
 
