@@ -76,17 +76,19 @@ def median_run(runs: list[dict]) -> dict:
 # --- PyTorch comparison -------------------------------------------------------------------------
 
 
-def torch_decode_speed(config: dict, total: int, batch: int, n_decode: int) -> dict | None:
+def torch_decode_speed(config: dict, total: int, batch: int, n_decode: int, last_row: bool = False) -> dict | None:
     """The same cached measurement with bench/torch_gpt.py's PyTorch GPT (same config, a
     preallocated KV cache, greedy, torch.no_grad()), or None when torch is not installed
-    (it is an optional bench dependency: pip install torch)."""
+    (it is an optional bench dependency: pip install torch). last_row: its prefill's last
+    block computes the last position only, as ours does (model/gpt.py, last_block_rows)."""
     try:
         from bench.torch_gpt import torch_decode_timing
     except ImportError:
         return None
     import os
     threads = int(os.environ.get("DECODE_SPEED_THREADS") or os.cpu_count() or 1)
-    t = torch_decode_timing(config, batch, total - n_decode, n_decode, threads=threads)
+    t = torch_decode_timing({**config, "last_block_last_row": last_row}, batch, total - n_decode, n_decode,
+                            threads=threads)
     return {"prefill_tok_s": batch * (total - n_decode) / t["prefill_s"],
             "ms_per_step": 1000 * t["decode_s"] / (n_decode - 1), "decode_tok_s": t["decode_tokens_per_s"]}
 
@@ -107,6 +109,10 @@ def main() -> int:
                    help="seconds of rest after each framework's runs (default 0.2): PyTorch's OpenMP "
                         "threads spin on the cores for a while after its last op, and the other "
                         "framework's run must not start against them")
+    p.add_argument("--torch-last-row", action="store_true",
+                   help="PyTorch's prefill, too, computes its last block for the last position only, "
+                        "as ours does (model/gpt.py, last_block_rows): kernels compared like for like. "
+                        "Default: as nanoGPT, every position")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "decode_speed.json"))
     args = p.parse_args()
     cpu.tune()  # malloc and threads, as train.py and sample.py do (tinygrad_lite/cpu.py)
@@ -135,7 +141,7 @@ def main() -> int:
                     if who == "ours":
                         ours_runs.append(measure(model, total, batch, args.decode_tokens, use_cache=True))
                     else:
-                        torch_runs.append(torch_decode_speed(CONFIG, total, batch, args.decode_tokens))
+                        torch_runs.append(torch_decode_speed(CONFIG, total, batch, args.decode_tokens, args.torch_last_row))
                     time.sleep(args.settle)  # NOTE: see --settle
             cached = median_run(ours_runs)
             uncached = measure(model, total, batch, args.decode_tokens, use_cache=False, runs=1)
@@ -157,7 +163,7 @@ def main() -> int:
                       f"{row['cached_vs_torch']:.2f}, prefill {row['prefill_vs_torch']:.2f}", flush=True)
 
     result = {"config": CONFIG, "device": backend.default_device(), "decode_tokens": args.decode_tokens,
-              "threads": os.environ.get("DECODE_SPEED_THREADS", "all"),
+              "threads": os.environ.get("DECODE_SPEED_THREADS", "all"), "torch_last_row": args.torch_last_row,
               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

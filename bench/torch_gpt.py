@@ -37,6 +37,7 @@ class TorchGPTConfig:
     dropout: float = 0.0  # 0 for the CPU preset
     bias: bool = False  # biases in Linear and LayerNorm (model/gpt.py's default: False)
     attention: str = "sdpa"  # "sdpa": F.scaled_dot_product_attention; "manual": written out
+    last_block_last_row: bool = False  # inference: the last block computes the last position only (model/gpt.py's last_block_rows)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -101,7 +102,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: TorchKVCache | None = None, layer: int = 0,
-                start_pos: int = 0) -> torch.Tensor:
+                start_pos: int = 0, last_row: bool = False) -> torch.Tensor:
+        """With last_row, every position's keys and values but the last position's output only."""
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
@@ -110,6 +112,8 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(layer, k, v, start_pos)  # (B, nh, Tk, hs), Tk = start_pos + T
+        if last_row:
+            q, T = q[:, :, -1:], 1  # (B, nh, 1, hs): the last position sees every key
         Tk = k.shape[2]
         p = self.dropout if self.training else 0.0
         if self.attention == "manual":
@@ -153,8 +157,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: TorchKVCache | None = None, layer: int = 0,
-                start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, start_pos)
+                start_pos: int = 0, last_row: bool = False) -> torch.Tensor:
+        attended = self.attn(self.ln_1(x), cache, layer, start_pos, last_row)
+        x = (x[:, -1:] if last_row else x) + attended
         return x + self.mlp(self.ln_2(x))
 
 
@@ -194,9 +199,10 @@ class TorchGPT(nn.Module):
                              f"{self.config.block_size}")
         pos = torch.arange(start_pos, start_pos + T)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C)
+        last_row = self.config.last_block_last_row and targets is None and not torch.is_grad_enabled()
         for layer, block in enumerate(self.h):
-            x = block(x, cache, layer, start_pos)  # (B, T, C)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+            x = block(x, cache, layer, start_pos, last_row and layer == len(self.h) - 1)  # (B, T, C)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V); (B, 1, V) with last_block_last_row
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
