@@ -234,9 +234,9 @@ class Engine:
     def _schedule(self) -> list[tuple[Request, int]]:
         """Which requests compute how many tokens this step: the running ones first (oldest
         first), then waiting ones while there is room in the batch, the budget and the pool."""
-        budget, batch = self.max_step_tokens, []
+        budget, batch, preempted = self.max_step_tokens, [], set()
         for request in list(self.running):
-            if request not in self.running:  # preempted below, to make room for an older one
+            if request in preempted:  # preempted below, to make room for an older one
                 continue
             n = min(len(request.tokens) - request.num_cached, budget)
             if n == 0:  # an older sequence's prefill chunk took the whole budget: next step
@@ -244,6 +244,7 @@ class Engine:
             while not self._reserve(request, n):
                 victim = self.running[-1]  # the newest
                 self._preempt(victim)
+                preempted.add(victim)
                 if victim is request:
                     break
             else:

@@ -106,7 +106,7 @@ def is_array(obj: Any) -> bool:
 
 def asarray(data: Any, device: str, dtype=None):
     """Put `data` (a host NumPy array, list, scalar, or backend array) on `device`."""
-    if not isinstance(data, numpy.ndarray) and is_array(data):
+    if not isinstance(data, (numpy.ndarray, list, tuple)) and is_array(data):  # (lists: no exception to raise and catch)
         data = to_numpy(data)  # cross-device copies go through the host
     data = numpy.asarray(data, dtype=dtype)
     if device == "cpu":
