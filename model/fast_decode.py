@@ -4,14 +4,17 @@ Under no_grad an op records nothing, yet each one still passes through its Tenso
 Function and the ops tier's dispatch. Decoding one token of the 4-layer model takes ~45
 such ops, ~1,600 Python calls, for a few dozen small array operations of real work. So
 when a forward pass only reads (no gradient wanted, no dropout, the fast tier selected)
-and feeds one new token per sequence over a KV cache, GPT.forward runs `forward` below
-instead: the same kernels (fast.py's linear_rows, layer_norm_rows and gelu_array,
-fast_attention.decode_forward, the paged cache's attend) on the same arrays in the same
-order, so the logits are the same to the bit (tests/test_generate.py checks that against
-the usual path). A learner can skip this file: gpt.py and attention.py say what it computes.
+and runs over a KV cache (a decode step, and a prefill too), GPT.forward runs `forward`
+below instead: the same kernels (fast.py's linear_rows, layer_norm_rows and gelu_array,
+fast_attention.decode_forward, the tier's attention op for a prefill, the paged cache's
+attend) on the same arrays in the same order, so the logits are the same to the bit
+(tests/test_generate.py checks that against the usual path). A learner can skip this
+file: gpt.py and attention.py say what it computes.
 NOTE: measured per decoded token, the 4 x 128 model, 64 tokens after a 32-token prompt,
 2 threads, alternating runs (2-core AMD EPYC VM): batch 1 2,329 -> 1,028 us, batch 8
-3,288 -> 1,972 us.
+3,288 -> 1,972 us. A prefill into generate()'s cache, against the usual path (41 or 15
+alternating pairs, same VM): 1 x 32 tokens 3.81 -> 2.99 ms, 8 x 32 11.1 -> 10.0 ms,
+1 x 224 13.5 -> 12.8 ms, 8 x 992 396 -> 366 ms (1 x 992: within noise).
 """
 from __future__ import annotations
 
@@ -27,18 +30,14 @@ from .paged_kv_cache import causal_attention
 
 def applies(model: Any, idx, cache: Any, targets: Any) -> bool:
     """Can this forward pass take the lean path? Inference (no gradients, no dropout) in the
-    fast tier over a KV cache: one new token per sequence of a contiguous cache, or any
-    step of the serving engine's paged one. Learned positions only (RoPE takes the usual
-    path), and no layer keeping its attention weights for inspection."""
+    fast tier over a KV cache: any step of generate()'s contiguous cache (a prefill or a
+    decode) or of the serving engine's paged one. Learned positions only (RoPE takes the
+    usual path), and no layer keeping its attention weights for inspection."""
     if targets is not None or cache is None or is_grad_enabled() or F.get_ops_tier() != "fast":
         return False
     if model.training and model.config.dropout > 0:  # dropout would draw its masks
         return False
-    if model.wpe is None or any(block.attn.keep_weights for block in model.h):
-        return False
-    B, T = idx.shape
-    # (a batch whose queries make a big block runs in blocks on the cores: the usual path)
-    return cache.paged or (T == 1 and B * model.config.n_embd < SPLIT_MIN_SIZE)
+    return model.wpe is not None and not any(block.attn.keep_weights for block in model.h)
 
 
 def _linear(x2d, layer: Any):
@@ -71,13 +70,21 @@ def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None, rows=No
         attn = block.attn
         qkv = _linear(_layer_norm(x, block.ln_1), attn.c_attn)  # (B T, 3C)
         heads = qkv.reshape(B * T, 3, n_head, C // n_head)  # (rows, 3, nh, hs) views: each row's q, k, v
-        wanted = rows if layer == len(model.h) - 1 else None  # (paged only: B is 1, so rows are columns)
+        wanted = rows if layer == len(model.h) - 1 else None  # (paged: B is 1, so rows are columns)
         if cache.paged:  # the engine's pages: a steady step goes into its copy in short, any other to attend
             kv = cache.decode_in_place(layer, heads[:, 1], heads[:, 2]) if wanted is None else None
             if kv is None:
                 y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2], _attention, wanted).reshape(-1, C)
                 x = x if wanted is None else x[wanted]  # (N', C): the rows the last block computes
-        else:  # the contiguous cache (T == 1: a row per sequence)
+        elif T > 1 or B * C >= SPLIT_MIN_SIZE:  # a prefill (or a big batch's decode): attention as the usual path's
+            q, k, v = heads.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs) views
+            cache.write(layer, k, v, start_pos)
+            queries = q if wanted is None else q[:, :, wanted]  # (B, nh, T', hs)
+            y = _attention(queries, cache.k[layer][:, :, :start_pos + T], cache.v[layer][:, :, :start_pos + T])
+            y = y.transpose(0, 2, 1, 3).reshape(-1, C)  # (B T', C)
+            x = x if wanted is None else x.reshape(B, T, C)[:, wanted].reshape(-1, C)
+            kv = None
+        else:  # decoding over the contiguous cache: a row per sequence
             cache.write(layer, heads[:, 1, :, None], heads[:, 2, :, None], start_pos)
             kv = cache.k[layer][:, :, :start_pos + 1], cache.v[layer][:, :, :start_pos + 1]
         if kv is not None:  # one query per row over its keys and values (rows, nh, context, hs)

@@ -120,9 +120,18 @@ def test_the_lean_decode_step_gives_the_usual_paths_logits_to_the_bit(bias, batc
     real_forward = fast_decode.forward
     monkeypatch.setattr(fast_decode, "forward", lambda *a: taken.append(1) or real_forward(*a))
     with no_grad():
-        for cache in (lean_cache, usual_cache):  # a prefill of 5 tokens: the usual path, both
-            model(prompt, cache=cache)
-        assert taken == []
+        for at in (None, slice(-1, None)):  # a prefill of 5 tokens, all logits or the last one's
+            for cache in (lean_cache, usual_cache):
+                cache.reset()
+            lean, _ = model(prompt, cache=lean_cache, logits_at=at)
+            with monkeypatch.context() as m:
+                m.setattr(fast_decode, "applies", lambda *a: False)
+                usual, _ = model(prompt, cache=usual_cache, logits_at=at)
+            np.testing.assert_array_equal(lean.numpy(), usual.numpy())
+            for layer in range(2):
+                np.testing.assert_array_equal(backend.to_numpy(lean_cache.k[layer][:, :, :5]),
+                                              backend.to_numpy(usual_cache.k[layer][:, :, :5]))
+        assert len(taken) == 2
         for pos in range(5, 12):
             token = Tensor(rng.integers(0, 11, (batch, 1)), dtype="int64")
             lean, _ = model(token, cache=lean_cache, start_pos=pos)
@@ -133,7 +142,7 @@ def test_the_lean_decode_step_gives_the_usual_paths_logits_to_the_bit(bias, batc
             for layer in range(2):
                 np.testing.assert_array_equal(backend.to_numpy(lean_cache.k[layer][:, :, :pos + 1]),
                                               backend.to_numpy(usual_cache.k[layer][:, :, :pos + 1]))
-    assert len(taken) == 7 and lean_cache.pos == usual_cache.pos == 12
+    assert len(taken) == 9 and lean_cache.pos == usual_cache.pos == 12
     with no_grad(), pytest.raises(ValueError, match="KV cache holds"):  # past its end: the cache's own error
         model(token, cache=lean_cache, start_pos=12)
 
@@ -143,19 +152,22 @@ def test_the_lean_decode_step_gives_the_usual_paths_logits_to_the_bit(bias, batc
 def test_the_last_block_computes_only_the_rows_whose_logits_are_wanted(tier, pos, monkeypatch):
     # gpt.last_block_rows: the last block's queries, c_proj and MLP run on the wanted rows
     # only; the logits are those of the whole pass, and the cache holds every row's keys
+    from model import fast_decode
     from tinygrad_lite import no_grad
     model = tiny_gpt(pos=pos)
     model.eval()
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 11, (3, 9))
-    rows_seen = {}
-    for i, block in enumerate(model.h):
+    rows_seen = []  # positions per sequence reaching each MLP, in order (the usual path's or the lean one's)
+    for block in model.h:
         real = block.mlp.forward
-        monkeypatch.setattr(block.mlp, "forward", lambda x, real=real, i=i: rows_seen.setdefault(i, []).append(x.shape[1]) or real(x))
+        monkeypatch.setattr(block.mlp, "forward", lambda x, real=real: rows_seen.append(x.shape[1]) or real(x))
+    real_gelu = fast_decode.gelu_array
+    monkeypatch.setattr(fast_decode, "gelu_array", lambda x: rows_seen.append(len(x) // 3) or real_gelu(x))
     with tinygrad_lite.functional.ops_tier(tier):
         whole, _ = model(Tensor(ids, dtype="int64"))  # gradients on: every row, as training runs it
         whole = whole.numpy()
-        assert rows_seen == {0: [9], 1: [9]}
+        assert rows_seen == [9, 9]
         for at, rows in ((slice(-1, None), 1), (slice(6, 9), 3), (slice(-4, None), 4)):
             rows_seen.clear()
             with no_grad():
@@ -164,7 +176,7 @@ def test_the_last_block_computes_only_the_rows_whose_logits_are_wanted(tier, pos
                 model(Tensor(ids[:, :5], dtype="int64"), cache=cache, logits_at=slice(-1, None))
                 cached, _ = model(Tensor(ids[:, 5:], dtype="int64"), cache=cache, start_pos=5,
                                   logits_at=slice(at.start - 5 if at.start > 0 else at.start, None))
-            assert rows_seen == {0: [9, 5, 4], 1: [rows, 1, rows]}
+            assert rows_seen == [9, rows, 5, 1, 4, rows]
             for pruned in (uncached, cached):
                 np.testing.assert_allclose(pruned.numpy(), whole[:, at], rtol=1e-5, atol=1e-5)
             assert cache.pos == 9
@@ -177,7 +189,7 @@ def test_the_last_block_computes_only_the_rows_whose_logits_are_wanted(tier, pos
         rows_seen.clear()
         with no_grad():  # columns that are not the last ones: every row (causal attention aligns at the end)
             picked, _ = model(Tensor(ids, dtype="int64"), logits_at=slice(2, 5))
-        assert rows_seen == {0: [9], 1: [9]}
+        assert rows_seen == [9, 9]
         np.testing.assert_allclose(picked.numpy(), whole[:, 2:5], rtol=1e-5, atol=1e-5)
 
 
@@ -193,7 +205,7 @@ def test_the_lean_decode_step_stays_out_of_training_rope_and_the_other_tiers():
         assert not fast_decode.applies(dropping, token, dropping.new_cache(1), None)
         assert fast_decode.applies(dropping.eval(), token, dropping.new_cache(1), None)
         assert not fast_decode.applies(model, token, None, None)  # no cache: the usual path
-        assert not fast_decode.applies(model, np.array([[3, 4]]), cache, None)  # a prefill
+        assert fast_decode.applies(model, np.array([[3, 4]]), cache, None)  # a prefill into the cache too
         with tinygrad_lite.functional.ops_tier("fused"):
             assert not fast_decode.applies(model, token, cache, None)
         rope = tiny_gpt(pos="rope").eval()
