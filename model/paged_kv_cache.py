@@ -164,6 +164,13 @@ def _as_slice(columns: list[int]) -> slice | None:
     return None
 
 
+def _column_list(columns) -> list[int]:
+    """A group's columns (a slice or an index array) as a list of ints."""
+    if isinstance(columns, slice):
+        return list(range(columns.start, columns.stop, columns.step or 1))
+    return backend.to_numpy(columns).tolist()
+
+
 class PagedBatch:
     """One step's sequences, packed side by side in one row of tokens, over a PagedKVCache.
 
@@ -290,7 +297,7 @@ class PagedBatch:
         member's last column, 1) when the wanted ones of the group are such (the engine wants
         a prompt's last token only: its next token's logits); (None, n) when none is; else
         (columns, n), all of them."""
-        listed = list(range(columns.start, columns.stop)) if isinstance(columns, slice) else columns.tolist()
+        listed = _column_list(columns)
         if not any(c in wanted for c in listed):
             return None, n
         if n == 1 or any(c in wanted for i, c in enumerate(listed) if i % n != n - 1):
@@ -303,8 +310,7 @@ class PagedBatch:
         their order."""
         y = backend.xp_of(q).empty((len(wanted),) + q.shape[1:], dtype=q.dtype)
         for columns, out in outputs:
-            listed = list(range(columns.start, columns.stop, columns.step or 1)) if isinstance(columns, slice) else columns.tolist()
-            picked = [(wanted[c], i) for i, c in enumerate(listed) if c in wanted]
+            picked = [(wanted[c], i) for i, c in enumerate(_column_list(columns)) if c in wanted]
             if picked:
                 to, at = zip(*picked)
                 y[list(to)] = out[list(at)]
