@@ -66,7 +66,7 @@ def last_block_rows(logits_at, T: int, paged: bool):
     if logits_at is None or is_grad_enabled():
         return None
     if paged:  # the serving engine's wanted columns (each sequence's last token): the cache sorts them out
-        return logits_at
+        return logits_at if backend.is_array(logits_at) else None
     if isinstance(logits_at, slice):
         start, stop, step = logits_at.indices(T)
         if step == 1 and stop == T and 0 < start < T:

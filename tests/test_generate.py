@@ -193,6 +193,19 @@ def test_the_last_block_computes_only_the_rows_whose_logits_are_wanted(tier, pos
         np.testing.assert_allclose(picked.numpy(), whole[:, 2:5], rtol=1e-5, atol=1e-5)
 
 
+def test_the_last_block_saves_rows_only_for_inference_and_trailing_positions():
+    from model.gpt import last_block_rows
+    from tinygrad_lite import no_grad
+    with no_grad():
+        assert last_block_rows(slice(-2, None), 9, paged=False) == slice(7, 9)
+        assert last_block_rows(slice(0, None), 9, paged=False) is None  # every row: nothing to save
+        assert last_block_rows(slice(2, 5), 9, paged=False) is None  # not the last rows: causal alignment would not hold
+        assert last_block_rows(None, 9, paged=False) is None
+        assert np.array_equal(last_block_rows(np.array([3, 8]), 9, paged=True), [3, 8])  # the engine's columns
+        assert last_block_rows(slice(-1, None), 9, paged=True) is None
+    assert last_block_rows(slice(-2, None), 9, paged=False) is None  # gradients on: every row
+
+
 def test_the_lean_decode_step_stays_out_of_training_rope_and_the_other_tiers():
     from model import fast_decode
     from tinygrad_lite import no_grad
