@@ -298,9 +298,10 @@ class PagedBatch:
         a prompt's last token only: its next token's logits); (None, n) when none is; else
         (columns, n), all of them."""
         listed = _column_list(columns)
-        if not any(c in wanted for c in listed):
+        here = set(listed).intersection(wanted)  # (set operations: a prompt brings hundreds of columns)
+        if not here:
             return None, n
-        if n == 1 or any(c in wanted for i, c in enumerate(listed) if i % n != n - 1):
+        if n == 1 or not here.issubset(listed[n - 1::n]):
             return columns, n
         return columns[n - 1::n] if not isinstance(columns, slice) else slice(columns.start + n - 1, columns.stop, n), 1
 
