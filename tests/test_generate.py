@@ -119,29 +119,29 @@ def test_the_lean_decode_step_gives_the_usual_paths_logits_to_the_bit(bias, batc
     taken = []
     real_forward = fast_decode.forward
     monkeypatch.setattr(fast_decode, "forward", lambda *a: taken.append(1) or real_forward(*a))
+
+    def both_paths(ids, start_pos=0, logits_at=None):
+        """The same step on the lean path and (with it switched off) the usual one: equal
+        logits, and equal keys in the two caches up to the step's end."""
+        lean, _ = model(ids, cache=lean_cache, start_pos=start_pos, logits_at=logits_at)
+        with monkeypatch.context() as m:
+            m.setattr(fast_decode, "applies", lambda *a: False)
+            usual, _ = model(ids, cache=usual_cache, start_pos=start_pos, logits_at=logits_at)
+        np.testing.assert_array_equal(lean.numpy(), usual.numpy())
+        end = start_pos + ids.shape[1]
+        for layer in range(2):
+            np.testing.assert_array_equal(backend.to_numpy(lean_cache.k[layer][:, :, :end]),
+                                          backend.to_numpy(usual_cache.k[layer][:, :, :end]))
+
     with no_grad():
         for at in (None, slice(-1, None)):  # a prefill of 5 tokens, all logits or the last one's
             for cache in (lean_cache, usual_cache):
                 cache.reset()
-            lean, _ = model(prompt, cache=lean_cache, logits_at=at)
-            with monkeypatch.context() as m:
-                m.setattr(fast_decode, "applies", lambda *a: False)
-                usual, _ = model(prompt, cache=usual_cache, logits_at=at)
-            np.testing.assert_array_equal(lean.numpy(), usual.numpy())
-            for layer in range(2):
-                np.testing.assert_array_equal(backend.to_numpy(lean_cache.k[layer][:, :, :5]),
-                                              backend.to_numpy(usual_cache.k[layer][:, :, :5]))
+            both_paths(prompt, logits_at=at)
         assert len(taken) == 2
         for pos in range(5, 12):
             token = Tensor(rng.integers(0, 11, (batch, 1)), dtype="int64")
-            lean, _ = model(token, cache=lean_cache, start_pos=pos)
-            with monkeypatch.context() as m:
-                m.setattr(fast_decode, "applies", lambda *a: False)
-                usual, _ = model(token, cache=usual_cache, start_pos=pos)
-            np.testing.assert_array_equal(lean.numpy(), usual.numpy())
-            for layer in range(2):
-                np.testing.assert_array_equal(backend.to_numpy(lean_cache.k[layer][:, :, :pos + 1]),
-                                              backend.to_numpy(usual_cache.k[layer][:, :, :pos + 1]))
+            both_paths(token, start_pos=pos)
     assert len(taken) == 9 and lean_cache.pos == usual_cache.pos == 12
     with no_grad(), pytest.raises(ValueError, match="KV cache holds"):  # past its end: the cache's own error
         model(token, cache=lean_cache, start_pos=12)
