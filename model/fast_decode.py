@@ -28,7 +28,7 @@ from tinygrad_lite.fast_attention import SPLIT_MIN_SIZE, decode_forward
 from .paged_kv_cache import causal_attention
 
 
-def applies(model: Any, idx, cache: Any, targets: Any) -> bool:
+def applies(model: Any, cache: Any, targets: Any) -> bool:
     """Can this forward pass take the lean path? Inference (no gradients, no dropout) in the
     fast tier over a KV cache: any step of generate()'s contiguous cache (a prefill or a
     decode) or of the serving engine's paged one. Learned positions only (RoPE takes the

@@ -169,7 +169,7 @@ class GPT(nn.Module):
         if end > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens is longer than block_size {self.config.block_size}")
         rows = last_block_rows(logits_at, T, paged)  # what the last block computes (None: every row)
-        if fast_decode.applies(self, idx, cache, targets):  # inference in the fast tier: the same kernels, no op machinery
+        if fast_decode.applies(self, cache, targets):  # inference in the fast tier: the same kernels, no op machinery
             return fast_decode.forward(self, idx, cache, start_pos, logits_at, rows), None
         x = F.embedding(self.wte.weight, idx)  # (B, T, C)
         if self.wpe is not None:

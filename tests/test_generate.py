@@ -209,21 +209,19 @@ def test_the_last_block_saves_rows_only_for_inference_and_trailing_positions():
 def test_the_lean_decode_step_stays_out_of_training_rope_and_the_other_tiers():
     from model import fast_decode
     from tinygrad_lite import no_grad
-    token = np.array([[3]])
     model = tiny_gpt()
     cache = model.new_cache(1)
     with no_grad():
-        assert fast_decode.applies(model, token, cache, None)  # (training mode, but no dropout to draw)
+        assert fast_decode.applies(model, cache, None)  # (training mode, but no dropout to draw)
         dropping = tiny_gpt(dropout=0.1)
-        assert not fast_decode.applies(dropping, token, dropping.new_cache(1), None)
-        assert fast_decode.applies(dropping.eval(), token, dropping.new_cache(1), None)
-        assert not fast_decode.applies(model, token, None, None)  # no cache: the usual path
-        assert fast_decode.applies(model, np.array([[3, 4]]), cache, None)  # a prefill into the cache too
+        assert not fast_decode.applies(dropping, dropping.new_cache(1), None)
+        assert fast_decode.applies(dropping.eval(), dropping.new_cache(1), None)
+        assert not fast_decode.applies(model, None, None)  # no cache: the usual path
         with tinygrad_lite.functional.ops_tier("fused"):
-            assert not fast_decode.applies(model, token, cache, None)
+            assert not fast_decode.applies(model, cache, None)
         rope = tiny_gpt(pos="rope").eval()
-        assert not fast_decode.applies(rope, token, rope.new_cache(1), None)
-    assert not fast_decode.applies(model, token, cache, None)  # gradients on
+        assert not fast_decode.applies(rope, rope.new_cache(1), None)
+    assert not fast_decode.applies(model, cache, None)  # gradients on
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope"])
