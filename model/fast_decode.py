@@ -48,14 +48,23 @@ def _layer_norm(x2d, norm: Any):
     return layer_norm_rows(x2d, norm.weight.data, None if norm.bias is None else norm.bias.data, norm.eps)[0]
 
 
-def _attention(queries, keys, values):
+def _attention(queries, keys, values, lengths=None):
     """The paged cache's causal attention (g, nh, n, hs) over (g, nh, context, hs): for one
     query each (decoding), fast_attention.decode_forward itself, as FastAttention would run
-    it; otherwise that op (a prefill's tiles, in blocks on the cores)."""
+    it, with `lengths` (g) masking each sequence's keys past its own in the same call;
+    otherwise that op (a prefill's tiles, in blocks on the cores)."""
     if queries.shape[-2] == 1 and queries.size < SPLIT_MIN_SIZE:
-        out = backend.xp_of(queries).empty_like(queries)
-        return decode_forward(queries, keys, values, out)
-    return causal_attention(queries, keys, values)
+        xp = backend.xp_of(queries)
+        bias = None if lengths is None else key_bias(lengths, keys.shape[-2], xp, queries.dtype)
+        return decode_forward(queries, keys, values, xp.empty_like(queries), bias)
+    return causal_attention(queries, keys, values, lengths)
+
+
+def key_bias(lengths, context: int, xp, dtype):
+    """(g, 1, context): 0 for each sequence's first lengths[i] keys, -inf for the rest."""
+    host = backend.numpy
+    hidden = host.arange(context) >= host.asarray(lengths)[:, None]
+    return xp.asarray(host.where(hidden, -host.inf, 0).astype(dtype)[:, None, :])
 
 
 def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None, rows=None) -> Tensor:
@@ -71,11 +80,10 @@ def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None, rows=No
         qkv = _linear(_layer_norm(x, block.ln_1), attn.c_attn)  # (B T, 3C)
         heads = qkv.reshape(B * T, 3, n_head, C // n_head)  # (rows, 3, nh, hs) views: each row's q, k, v
         wanted = rows if layer == len(model.h) - 1 else None  # (paged: B is 1, so rows are columns)
-        if cache.paged:  # the engine's pages: a steady step goes into its copy in short, any other to attend
-            kv = cache.decode_in_place(layer, heads[:, 1], heads[:, 2]) if wanted is None else None
-            if kv is None:
-                y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2], _attention, wanted).reshape(-1, C)
-                x = x if wanted is None else x[wanted]  # (N', C): the rows the last block computes
+        if cache.paged:  # the engine's pages: its slab and copies (model/paged_kv_cache.py)
+            y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2], _attention, wanted).reshape(-1, C)
+            x = x if wanted is None else x[wanted]  # (N', C): the rows the last block computes
+            kv = None
         elif T > 1 or B * C >= SPLIT_MIN_SIZE:  # a prefill (or a big batch's decode): attention as the usual path's
             q, k, v = heads.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs) views
             cache.write(layer, k, v, start_pos)

@@ -17,9 +17,13 @@ sequences hold each page) instead of computing their keys and values again. A ha
 collide, so a hit is confirmed against the tokens stored with the page.
 
 `PagePool` does the bookkeeping (which page is free, who holds it, which prefix it
-holds); `PagedKVCache` owns the arrays; `PagedBatch` is one engine step's view of it,
-handed to the model as its `cache`: it stores each new token's keys and values in its
-page and runs attention for every sequence of the step over its own pages.
+holds); `PagedKVCache` owns the arrays: the pool, and the *slab* that attention reads
+(NumPy has no matmul that reads keys where they lie, scattered over pages, so every
+sequence whose next token is being computed keeps its keys and values contiguous per
+head in a slot of the slab; the pages get them back before anyone reads them there).
+`PagedBatch` is one engine step's view of it, handed to the model as its `cache`: it
+stores each new token's keys and values and runs attention for every sequence of the
+step over its own keys, all the decoding sequences in one call, whatever their lengths.
 """
 from __future__ import annotations
 
@@ -92,7 +96,10 @@ class PagePool:
 
 
 class PagedKVCache:
-    """The pool's arrays: k[layer], v[layer] of shape (num_blocks, page_size, n_head, head_size)."""
+    """The pool's arrays, k[layer], v[layer] of shape (num_blocks, page_size, n_head,
+    head_size), and the working copies attention reads from (see PagedBatch): the slab
+    of the sequences whose next token is being computed, and the copies of prompts whose
+    prefill goes on in the next step."""
 
     paged = True  # the model's attention reads `cache.paged` to pick this path
 
@@ -113,55 +120,121 @@ class PagedKVCache:
         self.v = [xp.full(shape, 0, dtype=dtype) for _ in range(n_layer)]
         self.page_size, self.n_head, self.head_size = page_size, n_head, head_size
         self.pool = PagePool(num_blocks)
-        # per layer: the groups of the last step, gathered (see PagedBatch.attend)
-        self.gathered: list[dict] = [{} for _ in range(n_layer)]
+        self.slab = Slab(n_layer)
+        self.chunks: list[dict] = [{} for _ in range(n_layer)]  # per layer: prompts to be continued, by members
+
+    def pool_rows(self, table: Sequence[int], start: int, end: int):
+        """The pool rows (the pages seen as one row per slot) of positions start .. end-1 of
+        the sequence with this block table: a host array (end - start,)."""
+        host, page = backend.numpy, self.page_size  # (index arithmetic on the host, for any device)
+        positions = host.arange(start, end)
+        return host.asarray(table)[positions // page] * page + positions % page
 
     def slots(self, tables, start: int, end: int):
-        """The pool rows (the pages seen as one row per slot) of positions start .. end-1 of
-        each table's sequence: (g (end - start),)."""
-        host, page = backend.numpy, self.page_size  # (index arithmetic on the host, for any device)
-        first, positions = start // page, host.arange(start, end)
-        pages = host.array([table[first:(end - 1) // page + 1] for table in tables])  # (g, pages spanned)
-        rows = pages[:, positions // page - first] * page + positions % page
-        return backend.namespace(self.device).asarray(rows.reshape(-1))
+        """The pool rows of positions start .. end-1 of each table's sequence: (g (end - start),)."""
+        rows = [self.pool_rows(table, start, end) for table in tables]
+        return backend.namespace(self.device).asarray(backend.numpy.concatenate(rows))
 
-    def write_back(self, layer: int, copy: "Gathered", slots, end: int | None = None) -> None:
-        """Copy the rows that only a gathered copy holds (positions written .. end - 1,
-        end = its context unless given, at these pool rows) into their pages."""
-        rows, end = (-1, self.n_head, self.head_size), copy.context if end is None else end
-        for pool, buffer in ((self.k[layer], copy.keys), (self.v[layer], copy.values)):
-            pool.reshape(rows)[slots] = buffer[:, :, copy.written:end].transpose(0, 2, 1, 3).reshape(rows)
-        copy.written = end
+    def transfer(self, spans) -> "Transfer | None":
+        """Rows to move between the slab and the pages: spans (slot, block table, start, end)
+        -> each row's slot, position and pool row (None when the spans hold no row)."""
+        host, xp = backend.numpy, backend.namespace(self.device)
+        spans = [span for span in spans if span[3] > span[2]]
+        if not spans:
+            return None
+        slots = host.concatenate([host.full(end - start, slot) for slot, _, start, end in spans])
+        positions = host.concatenate([host.arange(start, end) for _, _, start, end in spans])
+        rows = host.concatenate([self.pool_rows(table, start, end) for _, table, start, end in spans])
+        return Transfer(xp.asarray(slots), xp.asarray(positions), xp.asarray(rows))
+
+    def write_pages(self, layer: int, rows: "Transfer") -> None:
+        """Copy these rows of the slab into their pages."""
+        shape = (-1, self.n_head, self.head_size)
+        for pool, slab in ((self.k[layer], self.slab.k[layer]), (self.v[layer], self.slab.v[layer])):
+            pool.reshape(shape)[rows.pool_rows] = slab[rows.slots, :, rows.positions]
+
+    def read_pages(self, layer: int, rows: "Transfer") -> None:
+        """Copy these rows from their pages into the slab."""
+        shape = (-1, self.n_head, self.head_size)
+        for pool, slab in ((self.k[layer], self.slab.k[layer]), (self.v[layer], self.slab.v[layer])):
+            slab[rows.slots, :, rows.positions] = pool.reshape(shape)[rows.pool_rows]
 
     def settle(self) -> None:
-        """Write the gathered copies' rows that anyone could still read to the pages (the
-        engine calls this when nothing runs). Nobody holds a page then, so only full
-        pages, which the prefix cache may revive, are worth writing; a last partial page
-        is forgotten. The copies stay until the next step replaces them.
-        NOTE: dropping them here as well made the next prefill ~2 ms slower (8 x 64
-        tokens, 4 layers): the allocator hands their freed memory back to the system, and
-        the next copies take page faults."""
-        for members, first in self.gathered[0].items():  # (every layer kept the same groups)
-            end = first.context // self.page_size * self.page_size  # (the end of its last full page)
-            rows = self.slots(first.tables, first.written, end) if first.written < end else None
-            for layer, kept in enumerate(self.gathered):
-                copy = kept[members]
-                if rows is not None:
-                    self.write_back(layer, copy, rows, end)
-                copy.written = copy.context
+        """Nothing runs (the engine calls this when it goes idle): write the slab's rows that
+        anyone could still read to the pages, and empty the slab. Nobody holds a page then,
+        so only full pages, which the prefix cache may revive, are worth writing; a last
+        partial page is forgotten. (The slab's arrays stay, for the next requests.)"""
+        page, members = self.page_size, self.slab.members
+        rows = self.transfer([(i, m.table, m.written, m.length // page * page) for i, m in enumerate(members)])
+        for layer in range(len(self.k) if rows is not None else 0):
+            self.write_pages(layer, rows)
+        self.slab.members = []
 
 
-def causal_attention(queries, keys, values):
+class Slot:
+    """A sequence's place in the slab: its block table, the positions the slab holds
+    (length), how many of those its pages hold too (written), and the most it will hold."""
+
+    __slots__ = ("sequence", "table", "length", "written", "limit")
+
+    def __init__(self, sequence: Any, table: list, length: int, written: int, limit: int) -> None:
+        self.sequence, self.table, self.length, self.written, self.limit = sequence, table, length, written, limit
+
+
+class Slab:
+    """The keys and values of every sequence whose next token is being computed (each
+    decoding sequence, and a prompt in its last chunk), one slot each: k[layer], v[layer]
+    of shape (capacity, n_head, room, head_size), slot i holding members[i]'s first
+    members[i].length positions, contiguous per head. One array for all of them lets one
+    attention call serve every decoding sequence, whatever its length (the positions past
+    each one's length are masked out). Rows past a length hold finite numbers (zeros, or
+    older rows), so that the mask's zero weights stay zeros."""
+
+    def __init__(self, n_layer: int) -> None:
+        self.k: list = [None] * n_layer
+        self.v: list = [None] * n_layer
+        self.members: list[Slot] = []
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[0]
+
+    @property
+    def room(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+
+class Transfer(NamedTuple):
+    """Rows to copy between the slab and the pages (PagedKVCache.transfer): arrays (R,)."""
+
+    slots: Any
+    positions: Any
+    pool_rows: Any
+
+
+def causal_attention(queries, keys, values, lengths=None):
     """Causal attention of arrays (g, nh, n, hs) over (g, nh, context, hs) -> (g, nh, n, hs),
-    by the selected ops tier (wrapped without a copy or checks: the model's own arrays)."""
+    by the selected ops tier (wrapped without a copy or checks: the model's own arrays).
+    With `lengths` (g ints), member i's one query attends to its first lengths[i] keys only."""
+    if lengths is not None:  # ragged: each sequence over its own keys
+        out = backend.xp_of(queries).empty_like(queries)
+        for i, n in enumerate(lengths):
+            out[i:i + 1] = causal_attention(queries[i:i + 1], keys[i:i + 1, :, :n], values[i:i + 1, :, :n])
+        return out
     return F.scaled_dot_product_attention(*map(Tensor._from_array, (queries, keys, values)), causal=True).data
 
 
 def _as_slice(columns: list[int]) -> slice | None:
-    """A run of consecutive columns as a slice (indexing by it is a view, not a copy)."""
-    if columns[-1] - columns[0] == len(columns) - 1:  # (they increase: so no gap)
+    """A run of consecutive increasing columns as a slice (indexing by it is a view, not a
+    copy); None for any other list."""
+    if columns == list(range(columns[0], columns[0] + len(columns))):
         return slice(columns[0], columns[0] + len(columns))
     return None
+
+
+def _whole(columns, n: int) -> bool:
+    """Are these columns (a slice or an index array) all n columns of the row, in order?"""
+    return isinstance(columns, slice) and columns.start == 0 and columns.stop == n and columns.step in (None, 1)
 
 
 def _column_list(columns) -> list[int]:
@@ -171,65 +244,75 @@ def _column_list(columns) -> list[int]:
     return backend.to_numpy(columns).tolist()
 
 
+class Segment(NamedTuple):
+    """One sequence's part of a step: its n new tokens at positions start .. start+n-1,
+    in columns column .. column+n-1 of the packed row; `due` when they end its known
+    tokens (its next token is computed); it never holds more than `limit` positions."""
+
+    sequence: Any
+    table: list
+    start: int
+    n: int
+    limit: int
+    due: bool
+    column: int
+
+
 class PagedBatch:
     """One step's sequences, packed side by side in one row of tokens, over a PagedKVCache.
 
-    segments: for each sequence, (sequence id, block table, start, n, limit): its n new
-    tokens sit at positions start .. start+n-1 and follow each other in the packed row,
-    and it will never hold more than `limit` positions (its prompt and max_new_tokens). The
-    model reads `positions` (N,) for its position embeddings and calls `attend` in each
-    layer. The id names the sequence as long as its pages hold what they hold (the
-    engine gives a readmitted sequence a new one).
+    segments: for each sequence, (sequence id, block table, start, n, limit, due): its n
+    new tokens sit at positions start .. start+n-1 and follow each other in the packed
+    row; `due` says they end the sequence's known tokens (its next token is computed this
+    step: a decode, or a prompt's last chunk); it will never hold more than `limit`
+    positions (its prompt and max_new_tokens). The model reads `positions` (N,) for its
+    position embeddings and calls `attend` in each layer. The id names the sequence as
+    long as its pages hold what they hold (the engine gives a readmitted sequence a new
+    one).
     """
 
     paged = True
 
-    def __init__(self, cache: PagedKVCache, segments: Sequence[tuple[Any, Sequence[int], int, int]]) -> None:
+    def __init__(self, cache: PagedKVCache, segments: Sequence[tuple]) -> None:
         self.cache = cache
-        xp = backend.namespace(cache.device)
-        positions, groups = [], {}
+        positions, self.segments = [], []
         column = self.end = 0
-        self.limits = {}  # per group: the most positions any member will hold
-        for sequence, table, start, n, limit in segments:
-            end = start + n
-            # sequences with as many new tokens and as long a context run as one attention call
-            members, tables, columns = groups.setdefault((n, end), ([], [], []))
-            self.limits[n, end] = max(limit, self.limits.get((n, end), 0))
-            members.append(sequence)
-            tables.append(table)  # (a gather takes the pages its context spans)
+        for sequence, table, start, n, limit, due in segments:
             if n == 1:  # (the common case, decoding: one token)
                 positions.append(start)
-                columns.append(column)
             else:
-                positions += range(start, end)
-                columns += range(column, column + n)
+                positions += range(start, start + n)
+            self.segments.append(Segment(sequence, table, start, n, limit, due, column))
             column += n
-            self.end = max(self.end, end)  # one past the furthest position
-        self.positions = xp.asarray(positions)
-        # (block tables stay lists until a gather needs them: a decode group seldom does)
-        self.groups = {shape: (tuple(members), tables, _as_slice(columns) or xp.asarray(columns))
-                       for shape, (members, tables, columns) in groups.items()}
+            self.end = max(self.end, start + n)  # one past the furthest position
+        self.positions = backend.namespace(cache.device).asarray(positions)
         self.plan = None  # what attend does in every layer (decided in the first one)
 
     def next_step(self) -> "PagedBatch | None":
-        """The step after this one when it decodes one more token for each of the same
-        sequences (nothing joined or left, no new prompt): the same groups one position
-        further on, and, when every copy has room for it, the same plan. None when this
-        step was not such a decode step.
-        NOTE: a running batch spends most of its steps like this; rebuilding the groups
-        and the plan each time took ~20 us of a ~1 ms step (timed inside the steps of 8
-        sequences, 4 layers, 2-core Xeon VM)."""
+        """The step after this one when every sequence of this one decodes one token (none
+        joined or left, no prompt goes on in chunks): the same slab, each member one
+        position further. None when some sequence of this step is not in the slab.
+        NOTE: a running batch spends most of its steps like this; planning them afresh took
+        ~20 us of a ~1 ms step (timed inside the steps of 8 sequences, 4 layers, 2-core Xeon
+        VM)."""
         plan = self.plan
-        if plan is None or any(slots is not None for *_, slots in plan.groups):
+        if plan is None or plan.chunks:
             return None
+        members = self.cache.slab.members
         after = PagedBatch.__new__(PagedBatch)
-        after.cache, after.positions, after.end = self.cache, self.positions + 1, self.end + 1
-        after.groups = {(1, end + 1): group for (_, end), group in self.groups.items()}
-        after.limits = {(1, end + 1): limit for (_, end), limit in self.limits.items()}
-        kept = self.cache.gathered[0]
-        growing = [(group, 1, context + 1, None) for group, _, context, _ in plan.groups]
-        after.plan = StepPlan(growing, [], True) if all(
-            _can_grow(kept.get(group[0]), context) for group, _, context, _ in growing) else None
+        after.cache, after.end = self.cache, self.end + 1
+        if not plan.prompts:  # every one decoded a token this step: the same columns next step
+            for member in members:
+                member.length += 1
+            d = plan.decode
+            after.positions, after.segments = self.positions + 1, None  # (only _plan reads segments)
+            after.plan = StepPlan(decode=d._replace(positions=d.positions + 1, longest=d.longest + 1, lengths=(
+                None if d.lengths is None else tuple(n + 1 for n in d.lengths))), steady=True)
+            return after
+        order = {segment.sequence: j for j, segment in enumerate(self.segments)}  # one token each, in this order
+        after.positions = backend.namespace(self.cache.device).asarray([s.start + s.n for s in self.segments])
+        after.segments = None
+        after.plan = StepPlan(decode=self._decode_plan(members, [order[m.sequence] for m in members]), steady=True)
         return after
 
     def attend(self, layer: int, q, k, v, attention=causal_attention, rows=None):
@@ -237,59 +320,99 @@ class PagedBatch:
         or with `rows` (an index array of wanted columns: the last block's, gpt.last_block_rows)
         only those rows' (N', nh, hs).
 
-        Each group of alike sequences stores its new keys and values and gathers all of
-        its own through its block tables; then it runs the model's causal attention on
-        them: `attention` (queries, keys, values) -> output, arrays, by default
+        Every sequence whose next token is computed this step has a slot in the slab; its
+        new keys and values go there, and the slab is what it attends over: the decoding
+        ones in one call of the model's causal attention, each over its own length (a
+        prompt in its last chunk, with the others of its length, over its adjacent slots).
+        A prompt that goes on next step attends over a copy of its own, kept for then.
+        `attention` (queries, keys, values, lengths=None) -> output, arrays, is by default
         `causal_attention` (F.scaled_dot_product_attention: the selected ops tier; the lean
-        decode step passes the fast tier's kernels themselves). Inference only: nothing
-        here is recorded for a backward.
+        step passes the fast tier's kernels themselves). Inference only: nothing here is
+        recorded for a backward.
 
-        NOTE: gathering every page again at every step would copy the whole context per
-        token (~85 us per layer for 8 x 264 tokens here, 15% of a decode step). So each
-        group's gathered keys and values are kept for the next step, with room to grow:
-        a group whose members ran together last step, n positions shorter (prefill ->
-        first token -> next token ...), adds only its new rows. While such a group
-        decodes, its new rows go to the gathered copy alone (a write-back cache: writing
-        each row twice doubled the cache misses of a decode step, ~18 us per layer here).
-        They reach the pages, many rows in one copy, before anyone could read them there:
-        when the group breaks up, when a step gathers from pages (a prefix hit may share
-        a page the copy has not written yet), and when the engine goes idle (settle).
+        NOTE: the slab is kept from step to step, and a decoding sequence's new rows go to
+        the slab alone (a write-back cache: writing each row to its page too doubled the
+        cache misses of a decode step, ~18 us per layer, 8 sequences of 264 tokens, 2-core
+        Xeon VM). They reach the pages, many rows in one copy, before anyone could read
+        them there: when the sequence leaves the slab, when a step reads pages (a prefix
+        hit may share a page the slab has not written yet), and when the engine goes idle
+        (PagedKVCache.settle).
+        NOTE: before the slab, decoding sequences shared a copy (and an attention call)
+        only when their contexts were equally long: 32 requests of 32-96 prompt tokens took
+        ~26 calls a layer. One masked call instead (the lab's batch sweep, 48 new tokens
+        each, 5 alternating runs, 2-core AMD EPYC VM): max_batch_size 32 2,328 -> 3,906
+        tokens/s, 16 2,607 -> 3,738, 8 1,847 -> 2,531; 8 prompts of one length: unchanged.
         """
-        cache, shape = self.cache, (-1,) + q.shape[1:]
-        kept, gathered, outputs = cache.gathered[layer], {}, []
+        if self.plan is None:  # (every layer does the same: what to do is decided once a step)
+            self.plan = self._plan()
+        plan = self.plan
+        if plan.steady and rows is None:  # the common step, in short: the slab's members, a token further each
+            out = self._decode(layer, q, k, v, attention)
+            if _whole(plan.decode.columns, len(q)):
+                return out
+            y = backend.xp_of(q).empty_like(q)
+            y[plan.decode.columns] = out
+            return y
+        cache, slab, shape = self.cache, self.cache.slab, (-1,) + q.shape[1:]
         wanted = None if rows is None else {c: i for i, c in enumerate(backend.to_numpy(rows).tolist())}
-        if self.plan is None:  # (every layer kept the same groups: what to do is decided once a step)
-            self.plan = self._plan(kept)
-        for members, slots in self.plan.flush:  # rows only a copy holds go to the pages before anyone reads them
-            cache.write_back(layer, kept[members], slots)
-        for (members, tables, columns), n, context, slots in self.plan.groups:
+        if plan.flush is not None:  # rows only the slab holds go to the pages before anyone reads them
+            cache.write_pages(layer, plan.flush)
+        self._arrange(layer)
+        outputs = [] if plan.decode is None else [(plan.decode.columns, self._decode(layer, q, k, v, attention))]
+        keys, values = slab.k[layer], slab.v[layer]
+        for slots, start, end, columns, pool_rows in plan.prompts:  # prompts in their last chunk, alike ones together
+            g, n = slots.stop - slots.start, end - start
             k_new, v_new = k[columns], v[columns]  # (g n, nh, hs)
-            if slots is None:  # decoding: one new row each, into last step's copy (the pages get it later: write_back)
-                group = kept[members]
-                group.add_row(k_new, v_new, tables)
-            else:
-                cache.k[layer].reshape(shape)[slots] = k_new  # the pool seen as one row per slot: a view
-                cache.v[layer].reshape(shape)[slots] = v_new
-                limit = self.limits[n, context]
-                group = self.grown(kept.get(members), tables, n, context, limit, k_new, v_new) or self.gathered_afresh(
-                    layer, tables, context, limit)
-            gathered[members] = group
-            if wanted is not None:  # only some rows wanted: just the last query of each member, if those
-                columns, n = self._last_queries(columns, n, wanted)
-                if columns is None:
-                    continue  # no row of this group is wanted (a prompt's first chunks): keys and values only
-            queries = q[columns].reshape(len(tables), n, *shape[1:]).transpose(0, 2, 1, 3)  # (g, nh, n, hs)
-            out = attention(queries, group.keys[:, :, :context], group.values[:, :, :context])  # (g, nh, n, hs)
-            outputs.append((columns, out.transpose(0, 2, 1, 3).reshape(shape)))  # (g n, nh, hs)
-        cache.gathered[layer] = gathered  # only this step's groups are worth keeping
+            cache.k[layer].reshape(shape)[pool_rows] = k_new  # the pool seen as one row per slot: a view
+            cache.v[layer].reshape(shape)[pool_rows] = v_new
+            keys[slots, :, start:end] = k_new.reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)
+            values[slots, :, start:end] = v_new.reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)
+            outputs.append(self._prompt_attention(q, columns, n, g, keys[slots, :, :end], values[slots, :, :end],
+                                                  attention, wanted))
+        kept, chunks = cache.chunks[layer], {}
+        for (members, tables, columns), n, context, pool_rows, limit in plan.chunks:  # prompts that go on next step
+            k_new, v_new = k[columns], v[columns]
+            cache.k[layer].reshape(shape)[pool_rows] = k_new
+            cache.v[layer].reshape(shape)[pool_rows] = v_new
+            copy = self.grown(kept.get(members), tables, n, context, limit, k_new, v_new) or self.gathered_afresh(
+                layer, tables, context, limit)
+            chunks[members] = copy
+            outputs.append(self._prompt_attention(q, columns, n, len(tables), copy.keys[:, :, :context],
+                                                  copy.values[:, :, :context], attention, wanted))
+        cache.chunks[layer] = chunks  # only this step's prompts can go on
+        outputs = [out for out in outputs if out is not None]
         if wanted is not None:
             return self._wanted_rows(outputs, wanted, q)
-        if len(outputs) == 1:  # one group holds the whole row, in order
+        if len(outputs) == 1 and _whole(outputs[0][0], len(q)):  # one group holds the whole row, in order
             return outputs[0][1]
         y = backend.xp_of(q).empty(q.shape, dtype=q.dtype)
         for columns, out in outputs:
             y[columns] = out
         return y
+
+    def _decode(self, layer: int, q, k, v, attention):
+        """The decoding members' new rows into their slots, and their attention in one call,
+        each over its own length: (S, nh, hs), in slot order."""
+        d, slab = self.plan.decode, self.cache.slab
+        keys, values = slab.k[layer], slab.v[layer]
+        keys[d.slots, :, d.positions] = k[d.columns]  # (each at its own position when they differ)
+        values[d.slots, :, d.positions] = v[d.columns]
+        out = attention(q[d.columns][:, :, None], keys[:d.count, :, :d.longest], values[:d.count, :, :d.longest],
+                        d.lengths)  # (S, nh, 1, hs)
+        return out[:, :, 0]
+
+    def _prompt_attention(self, q, columns, n: int, g: int, keys, values, attention, wanted):
+        """The causal attention of a group of g alike prompts' n new tokens over their keys
+        and values (g, nh, context, hs): (columns, (g n', nh, hs)); with `wanted`, only its
+        wanted rows' queries attend (None if none is wanted)."""
+        shape = (-1,) + q.shape[1:]
+        if wanted is not None:  # only some rows wanted: just the last query of each member, if those
+            columns, n = self._last_queries(columns, n, wanted)
+            if columns is None:
+                return None  # no row of this group is wanted (a prompt's first chunks): keys and values only
+        queries = q[columns].reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)  # (g, nh, n, hs)
+        out = attention(queries, keys, values)  # (g, nh, n, hs)
+        return columns, out.transpose(0, 2, 1, 3).reshape(shape)
 
     @staticmethod
     def _last_queries(columns, n: int, wanted: dict):
@@ -317,42 +440,113 @@ class PagedBatch:
                 y[list(to)] = out[list(at)]
         return y
 
-    def decode_in_place(self, layer: int, k, v):
-        """The common step, in short: when this step is steady (next_step: last step's one
-        group, each sequence one row further, in the packed row's order), write the new
-        keys and values k, v (N, nh, hs) into the group's copy and return its keys and
-        values (N, nh, context, hs) to attend over; otherwise None (`attend` does it all).
-        NOTE: the lean decode step (model/fast_decode.py) asks this first: attend's
-        general bookkeeping was ~10 us a layer of a ~1.6 ms step of 8 sequences, 4 layers
-        (2-core AMD EPYC VM)."""
-        plan = self.plan
-        if plan is None or not plan.steady or len(plan.groups) != 1:
-            return None
-        (members, tables, _), _, context, _ = plan.groups[0]
-        copy = self.cache.gathered[layer][members]
-        copy.add_row(k, v, tables)
-        return copy.keys[:, :, :context], copy.values[:, :, :context]
+    def _plan(self) -> "StepPlan":
+        """What attend does in every layer of this step, and the slab's bookkeeping for it,
+        decided once (in the first layer):
+        1. rows only the slab holds go to their pages: a leaving member's (it gives its slot
+           up), and every member's when someone reads pages this step (a request whose
+           prompt starts with a page a member filled while decoding shares that page);
+        2. the last members move into the slots of those that left: members fill slots
+           0 .. M-1;
+        3. the sequences whose next token is computed and that have no slot yet take the
+           next ones (the slab grows first if they do not fit): one that decodes gathers its
+           keys and values so far from its pages; a prompt in its last chunk, with the
+           others of its length, takes adjacent slots (and gathers what a prefix hit or
+           earlier chunks computed).
+        The decoding members are then slots 0 .. S-1. A prompt that goes on next step is
+        not in the slab: it attends over a copy of its own (grown or gathered_afresh)."""
+        cache, slab, page = self.cache, self.cache.slab, self.cache.page_size
+        old, due = slab.members, {s.sequence for s in self.segments if s.due}
+        index = {m.sequence: i for i, m in enumerate(old)}
+        reading = any(s.start > 0 and s.sequence not in index for s in self.segments)  # (gathers from pages)
+        spans = []
+        for i, m in enumerate(old):
+            if m.written < m.length and (reading or m.sequence not in due):
+                spans.append((i, m.table, m.written, m.length))
+                m.written = m.length
+        flush = cache.transfer(spans)
+        survivors = sum(m.sequence in due for m in old)
+        holes = [i for i in range(survivors) if old[i].sequence not in due]
+        movers = [i for i in range(survivors, len(old)) if old[i].sequence in due]
+        moves = [(src, dst, old[src].length) for src, dst in zip(movers, holes)]
+        members = old[:survivors]
+        for src, dst, _ in moves:
+            members[dst] = old[src]
+        longest = max((m.length for m in members), default=0)
+        gathers, decoding, prompts, chunks = [], [], {}, {}
+        for s in self.segments:
+            if not s.due:  # a prompt going on next step: a copy of its own, alike ones together
+                chunks.setdefault((s.n, s.start + s.n), []).append(s)
+            elif s.n > 1:
+                prompts.setdefault((s.n, s.start + s.n), []).append(s)
+            else:
+                if s.sequence not in index:  # joins: its keys and values so far come from its pages
+                    gathers.append((len(members), s.table, 0, s.start))
+                    members.append(Slot(s.sequence, s.table, s.start, s.start, s.limit))
+                decoding.append(s)
+        columns = {s.sequence: s.column for s in decoding}
+        decode = self._decode_plan(members, [columns[m.sequence] for m in members]) if decoding else None
+        prompt_plans = []
+        for (n, end), group in prompts.items():
+            first = len(members)
+            gathers += [(first + j, s.table, 0, end - n) for j, s in enumerate(group)]
+            members += [Slot(s.sequence, s.table, end, end, s.limit) for s in group]
+            cols = [c for s in group for c in range(s.column, s.column + n)]
+            prompt_plans.append((slice(first, first + len(group)), end - n, end, _as_slice(cols) or
+                                 backend.namespace(cache.device).asarray(cols),
+                                 cache.slots([s.table for s in group], end - n, end)))
+        room = -(-max((m.limit for m in members), default=0) // page) * page
+        regrow = None
+        if len(members) > slab.capacity or room > slab.room:
+            regrow = (max(len(members), 2 * slab.capacity), max(room, slab.room), survivors, longest)
+        slab.members = members
+        xp = backend.namespace(cache.device)
+        chunk_plans = []
+        for (n, end), group in chunks.items():
+            tables, cols = [s.table for s in group], [c for s in group for c in range(s.column, s.column + n)]
+            chunk_plans.append(((tuple(s.sequence for s in group), tables, _as_slice(cols) or xp.asarray(cols)), n, end,
+                                cache.slots(tables, end - n, end), max(s.limit for s in group)))
+        return StepPlan(flush, moves, regrow, cache.transfer(gathers), decode, prompt_plans, chunk_plans)
 
-    def _plan(self, kept: dict) -> "StepPlan":
-        """Which groups decode one more row into last step's copy (the others write their
-        new rows to these pool rows), and which kept copies must first write their rows
-        to the pages: those of the groups that stop here, and all of them when someone
-        reads pages this step (a prefix hit may share a page that a copy has not written
-        yet). Read from the first layer's kept groups: every layer has the same."""
-        groups = [(group, n, context, None if n == 1 and _can_grow(kept.get(group[0]), context)
-                   else self.cache.slots(group[1], context - n, context)) for (n, context), group in self.groups.items()]
-        decoding = {group[0] for group, _, _, slots in groups if slots is None}
-        reading = len(decoding) < len(groups)
-        flush = [(members, self.cache.slots(copy.tables, copy.written, copy.context)) for members, copy in kept.items()
-                 if copy.written < copy.context and (reading or members not in decoding)]
-        return StepPlan(groups, flush)
+    def _decode_plan(self, members: list, columns: list[int]) -> "DecodePlan":
+        """The decoding members (slots 0 .. S-1, one new token each at their length, which
+        this moves on by one) and their packed columns, slot by slot."""
+        count = len(columns)
+        positions = [m.length for m in members[:count]]
+        for m in members[:count]:
+            m.length += 1
+        xp = backend.namespace(self.cache.device)
+        cols = _as_slice(columns) or xp.asarray(columns)
+        if min(positions) == max(positions):  # alike: one position, and every key of the slab is theirs
+            return DecodePlan(count, cols, slice(0, count), positions[0], None, positions[0] + 1)
+        return DecodePlan(count, cols, xp.arange(count), xp.asarray(positions), tuple(p + 1 for p in positions),
+                          max(positions) + 1)
+
+    def _arrange(self, layer: int) -> None:
+        """This layer's slab as the plan wants it: members moved into the slots of those that
+        left, a bigger slab if needed, joiners' rows gathered from their pages."""
+        plan, cache, slab = self.plan, self.cache, self.cache.slab
+        keys, values = slab.k[layer], slab.v[layer]
+        for src, dst, length in plan.moves:
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]
+        if plan.regrow is not None:
+            capacity, room, survivors, longest = plan.regrow
+            shape, dtype = (capacity, cache.n_head, room, cache.head_size), cache.k[layer].dtype
+            xp = backend.namespace(cache.device)
+            grown = [xp.zeros(shape, dtype=dtype) for _ in range(2)]  # (zeros: finite rows past every length)
+            for new, now in zip(grown, (keys, values)):
+                if survivors:
+                    new[:survivors, :, :longest] = now[:survivors, :, :longest]
+            slab.k[layer], slab.v[layer] = grown
+        if plan.join is not None:
+            cache.read_pages(layer, plan.join)
 
     def grown(self, kept: "Gathered | None", tables, n: int, context: int, limit: int, k_new,
               v_new) -> "Gathered | None":
-        """The group's gathered copy with its n new rows each (g n, nh, hs) added: last
-        step's, if it goes on to `context` positions (a prefill chunk after the one
-        before), or a new one if these rows are its whole context (a fresh prompt: nothing
-        to gather); else None."""
+        """The prompt group's copy with its n new rows each (g n, nh, hs) added: last step's,
+        if it goes on to `context` positions (a chunk after the one before), or a new one if
+        these rows are its whole context (a fresh prompt: nothing to gather); else None."""
         if n == context:
             kept = self.empty_copy(len(tables), context, limit)
         elif not _can_grow(kept, context, n):
@@ -360,29 +554,25 @@ class PagedBatch:
         g, nh, hs = len(tables), self.cache.n_head, self.cache.head_size
         for buffer, new in ((kept.keys, k_new), (kept.values, v_new)):  # (g n, nh, hs) -> (g, nh, n, hs)
             buffer[:, :, context - n:context] = new.reshape(g, n, nh, hs).transpose(0, 2, 1, 3)
-        kept.context = kept.written = context  # (the pages hold the new rows too)
-        kept.tables = tables
+        kept.context, kept.tables = context, tables
         return kept
 
     def empty_copy(self, g: int, context: int, limit: int) -> "Gathered":
-        """Room for g sequences' keys and values up to `context` positions and some steps
-        beyond (at most to `limit`, the most they will hold), holding none yet.
-        NOTE: sized to the limit as generate() sizes its cache: room for 192 positions
-        where 128 were all they could reach made decoding 8 x 64 + 64 tokens ~4% slower
-        (the attention over the copy ~7%; 2-core Xeon VM)."""
+        """Room for g prompts' keys and values up to `context` positions and some chunks
+        beyond (at most to `limit`, the most they will hold), holding none yet."""
         pool, page = self.cache.k[0], self.cache.page_size
-        room = -(-min(limit, context + 8 * page) // page) * page  # capacity for the next steps too
+        room = -(-min(limit, context + 8 * page) // page) * page  # capacity for the next chunks too
         keys, values = (backend.xp_of(pool).empty((g, self.cache.n_head, room, self.cache.head_size),
                                                   dtype=pool.dtype) for _ in range(2))
-        return Gathered(0, keys, values, None, 0)
+        return Gathered(0, keys, values, None)
 
     def gathered_afresh(self, layer: int, tables, context: int, limit: int) -> "Gathered":
-        """A group's keys and values gathered from its pages (which hold all of them), with
-        room to grow for the next steps."""
+        """A prompt group's keys and values gathered from its pages (which hold all of them),
+        with room to grow for the next chunks."""
         group = self.empty_copy(len(tables), context, limit)
         group.keys[:, :, :context] = self.gather(self.cache.k[layer], tables, context)
         group.values[:, :, :context] = self.gather(self.cache.v[layer], tables, context)
-        group.context, group.tables, group.written = context, tables, context
+        group.context, group.tables = context, tables
         return group
 
     def gather(self, pool, tables, context: int):
@@ -396,33 +586,43 @@ class PagedBatch:
 
 
 class Gathered:
-    """A group's keys and values, gathered contiguous per head and kept for the next step."""
+    """A prompt group's keys and values, contiguous per head, kept for its next chunk."""
 
-    __slots__ = ("context", "keys", "values", "tables", "written")
+    __slots__ = ("context", "keys", "values", "tables")
 
-    def __init__(self, context: int, keys, values, tables: list, written: int) -> None:
+    def __init__(self, context: int, keys, values, tables: list) -> None:
         self.context = context  # positions they hold
         self.keys, self.values = keys, values  # (g, nh, room, hs), room >= context
-        self.tables = tables  # the members' block tables (write_back finds the pages there)
-        self.written = written  # positions the pages hold too (the rest wait in this copy: write_back)
+        self.tables = tables  # the members' block tables
 
-    def add_row(self, k, v, tables) -> None:
-        """One more position for every member: its new key and value (g, nh, hs), in this
-        copy only (the pages get it later: write_back). `tables` may have a new page."""
-        self.keys[:, :, self.context] = k
-        self.values[:, :, self.context] = v
-        self.context += 1
-        self.tables = tables
+
+class DecodePlan(NamedTuple):
+    """The decoding members of a step: slots 0 .. count-1, their columns in the packed row
+    (slot by slot), where their new rows go (slots, positions: a slice and one position
+    when their lengths are alike), their lengths after it (None when alike) and the
+    longest."""
+
+    count: int
+    columns: Any
+    slots: Any
+    positions: Any
+    lengths: tuple | None
+    longest: int
 
 
 class StepPlan(NamedTuple):
-    """What PagedBatch.attend does in every layer of one step."""
+    """What PagedBatch.attend does in every layer of one step (PagedBatch._plan)."""
 
-    groups: list  # ((members, tables, columns), n, context, pool rows of the new tokens or None: decoding)
-    flush: list  # (members, pool rows) of kept copies whose unwritten rows go to the pages first
-    steady: bool = False  # last step's groups, each decoding one more row, and nothing else (next_step)
+    flush: Transfer | None = None  # slab rows to their pages, first
+    moves: list = []  # (from slot, to slot, length): members into the slots of those that left
+    regrow: tuple | None = None  # (capacity, room, members kept, their longest length): a bigger slab
+    join: Transfer | None = None  # pages' rows into the slots of sequences joining the slab
+    decode: DecodePlan | None = None  # the decoding members: one attention call
+    prompts: list = []  # (slots, start, end, columns, pool rows): prompts in their last chunk, alike ones
+    chunks: list = []  # ((members, tables, columns), n, end, pool rows, limit): prompts going on next step
+    steady: bool = False  # last step's members, one token further each, and nothing else (next_step)
 
 
 def _can_grow(kept: "Gathered | None", context: int, n: int = 1) -> bool:
-    """Does last step's gathered group go on to `context` positions with n new ones?"""
+    """Does last step's copy of a prompt group go on to `context` positions with n new ones?"""
     return kept is not None and kept.context == context - n and kept.keys.shape[2] >= context

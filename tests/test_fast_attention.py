@@ -1,7 +1,8 @@
 """The fast tier's attention kernels (tinygrad_lite/fast_attention.py, blocked_attention.py): blocked causal
 attention against the primitive tier in float64, lengths that are not multiples of the
-tile (T = 1 included), a KV cache's shorter query block, and its memory: at T = 512 no
-(B, H, T, T) array, tiles at most 128 wide."""
+tile (T = 1 included), a KV cache's shorter query block, decoding sequences of different
+lengths in one masked call, and its memory: at T = 512 no (B, H, T, T) array, tiles at
+most 128 wide."""
 from __future__ import annotations
 
 import tracemalloc
@@ -37,6 +38,25 @@ def test_blocked_attention_equals_the_primitive_one(Tq, Tk, tile):
     np.testing.assert_allclose(out, ref_out, rtol=1e-10, atol=1e-12)
     for name, g, r in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-11, err_msg=f"d{name}")
+
+
+def test_decoding_sequences_of_different_lengths_in_one_masked_call_equals_each_alone():
+    # decode_forward's key_bias (-inf past each sequence's length: the serving engine's
+    # slab) against the primitive tier's attention of each sequence over its own keys,
+    # float64; the keys and values past a length are big but finite, as old rows are
+    rng = np.random.default_rng(3)
+    lengths, H, D, room = [1, 7, 4, 12, 12], 3, 5, 16
+    q = rng.standard_normal((len(lengths), H, 1, D))
+    k, v = (1e3 * rng.standard_normal((len(lengths), H, room, D)) for _ in range(2))
+    for i, n in enumerate(lengths):
+        k[i, :, :n] /= 1e3
+        v[i, :, :n] /= 1e3
+    hidden = np.arange(room) >= np.asarray(lengths)[:, None]
+    bias = np.where(hidden, -np.inf, 0.0)[:, None, :]  # (sequences, 1, keys): broadcast over the heads
+    out = fast_attention.decode_forward(q, k, v, np.empty_like(q), bias)
+    for i, n in enumerate(lengths):
+        alone, _ = primitive_attention(q[i:i + 1], k[i:i + 1, :, :n], v[i:i + 1, :, :n], np.ones((1, H, 1, D)))
+        np.testing.assert_allclose(out[i:i + 1], alone, rtol=1e-10, atol=1e-12, err_msg=str(i))
 
 
 @pytest.mark.parametrize("size", [1.0, 12.0])
