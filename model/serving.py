@@ -327,21 +327,19 @@ class Engine:
     def _forward(self, batch: list[tuple[Request, int]]) -> tuple[list[Request], Any]:
         """One forward pass over the batch's new tokens, packed in one row. Returns the R
         requests whose known tokens are now all computed, and their host logits (R, V)."""
-        ids, wanted, due, segments = [], [], [], []
+        ids, wanted, due = [], [], []
         for request, n in batch:
             start = request.num_cached
             ids += request.tokens[start:start + n]
-            is_due = start + n == len(request.tokens)  # the whole sequence is in: its next token is due
-            if is_due:
+            if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
                 wanted.append(len(ids) - 1)
                 due.append(request)
-            segments.append((request.sequence, request.pages, start, n, len(request.prompt) + request.max_new_tokens,
-                             is_due))
         view = None
         if not self._regrouped and len(ids) == len(batch):  # last step's sequences, one token each
             view = self._view.next_step()  # (None unless they were all in the slab)
         if view is None:
-            view = PagedBatch(self.cache, segments)
+            view = PagedBatch(self.cache, [(r.sequence, r.pages, r.num_cached, n, len(r.prompt) + r.max_new_tokens,
+                                            r.num_cached + n == len(r.tokens)) for r, n in batch])
         device = self.cache.device
         columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
