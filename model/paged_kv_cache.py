@@ -497,8 +497,8 @@ class PagedBatch:
                                  cache.slots([s.table for s in group], end - n, end)))
         room = -(-max((m.limit for m in members), default=0) // page) * page
         regrow = None
-        if len(members) > slab.capacity or room > slab.room:
-            regrow = (max(len(members), 2 * slab.capacity), max(room, slab.room), survivors, longest)
+        if len(members) > slab.capacity or room > slab.room:  # (it never shrinks: at most max_batch_size slots)
+            regrow = (max(len(members), slab.capacity), max(room, slab.room), survivors, longest)
         slab.members = members
         xp = backend.namespace(cache.device)
         chunk_plans = []
