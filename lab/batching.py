@@ -207,7 +207,7 @@ def plot(results: dict):
     twin.plot(b, [r["tpot_ms_p50"] for r in sweep], "s--", color="C1", label="TPOT p50")
     twin.plot(b, [r["ttft_ms_p50"] / 10 for r in sweep], "^:", color="C2", label="TTFT p50 / 10")
     twin.set_ylabel("latency (ms)")
-    twin.legend(loc="upper left", fontsize=8)
+    twin.legend(loc="center left", fontsize=8)
     ax.set_title(f"{results['settings']['n']} requests at once")
     ax = axes[1]
     arrivals = results["arrivals"]
