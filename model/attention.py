@@ -16,7 +16,7 @@ import tinygrad_lite.functional as F
 from tinygrad_lite import Tensor, nn, where
 from tinygrad_lite.ops import causal_mask
 
-from .kv_cache import KVCache  # (or the serving engine's PagedBatch: model/paged_kv_cache.py)
+from .kv_cache import KVCache  # (or the serving engine's PagedBatch: model/paged_batch.py)
 from .rope import RotaryEmbedding
 
 
@@ -59,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C): Q, K and V of every head in one matmul
         dropout = self.dropout if self.training else 0.0
-        if cache is not None and cache.paged:  # the serving engine's pages: model/paged_kv_cache.py
+        if cache is not None and cache.paged:  # the serving engine's pages: model/paged_batch.py
             heads = qkv.data[0].reshape(T, 3, self.n_head, C // self.n_head)  # (N, 3, nh, hs): views, no op
             q, k, v = heads[:, 0], heads[:, 1], heads[:, 2]  # 3 x (N, nh, hs)
             if self.rope is not None:  # each packed token at its own sequence's position

@@ -25,7 +25,7 @@ from tinygrad_lite import Tensor, backend, is_grad_enabled
 from tinygrad_lite.fast import gelu_array, layer_norm_rows, linear_rows
 from tinygrad_lite.fast_attention import SPLIT_MIN_SIZE, decode_forward
 
-from .paged_kv_cache import causal_attention
+from .paged_batch import causal_attention
 
 
 def applies(model: Any, cache: Any, targets: Any) -> bool:
@@ -80,7 +80,7 @@ def forward(model: Any, idx, cache: Any, start_pos: int, logits_at=None, rows=No
         qkv = _linear(_layer_norm(x, block.ln_1), attn.c_attn)  # (B T, 3C)
         heads = qkv.reshape(B * T, 3, n_head, C // n_head)  # (rows, 3, nh, hs) views: each row's q, k, v
         wanted = rows if layer == len(model.h) - 1 else None  # (paged: B is 1, so rows are columns)
-        if cache.paged:  # the engine's pages: its slab and copies (model/paged_kv_cache.py)
+        if cache.paged:  # the engine's pages: its slab and copies (model/paged_batch.py)
             y = cache.attend(layer, heads[:, 0], heads[:, 1], heads[:, 2], _attention, wanted).reshape(-1, C)
             x = x if wanted is None else x[wanted]  # (N', C): the rows the last block computes
             kv = None

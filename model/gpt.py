@@ -158,7 +158,7 @@ class GPT(nn.Module):
         against targets (B, T) when given; a target of IGNORE (-1) counts for nothing (the
         prompt and padding of fine-tuning chats). With a KV cache, idx holds the tokens at
         positions start_pos .. start_pos+T-1 and the cache supplies the earlier ones. With
-        the serving engine's PagedBatch as the cache (model/paged_kv_cache.py), idx (1, N)
+        the serving engine's PagedBatch as the cache (model/paged_batch.py), idx (1, N)
         packs several sequences' tokens side by side and each sits at its own position,
         cache.positions (N,). logits_at (an index or slice of the T columns) limits the
         logits to those columns: generation needs the last position's only."""

@@ -8,7 +8,7 @@ inference server (vLLM, TGI) instead schedules *every step*:
   join, up to `max_batch_size` sequences and `max_step_tokens` tokens a step. One step
   is one forward pass over every scheduled sequence, whatever its length: the new
   tokens of all of them are packed side by side in one row, each at its own position,
-  and each attends to its own keys and values (model/paged_kv_cache.py). A running
+  and each attends to its own keys and values (model/paged_batch.py). A running
   sequence brings its one new token (decode); a new one brings its prompt (prefill),
   cut into chunks when the step's token budget is smaller.
 - **Paged KV cache.** Keys and values live in a pool of pages; a sequence takes pages
@@ -35,7 +35,8 @@ from typing import Any, Sequence
 from tinygrad_lite import backend, no_grad
 
 from .generate import TextFollower, _check_stops
-from .paged_kv_cache import PagedBatch, PagedKVCache, page_key
+from .paged_batch import PagedBatch
+from .paged_kv_cache import PagedKVCache, page_key
 from .sampling import Sampler
 
 

@@ -61,11 +61,11 @@ def test_the_lean_step_gives_the_engine_the_usual_paths_logits(bias, staggered, 
     # of one length decode the same on both paths, to the bit; sequences of different
     # lengths (staggered arrivals) decode in one masked call on the lean path and each
     # over its own keys on the usual one: the same logits to rounding
-    from model import fast_decode, paged_kv_cache
+    from model import fast_decode, paged_batch
     model = tiny_gpt(bias=bias)
     logits, steady = {}, []
-    real_next = paged_kv_cache.PagedBatch.next_step
-    monkeypatch.setattr(paged_kv_cache.PagedBatch, "next_step", lambda self: steady.append(real_next(self)) or steady[-1])
+    real_next = paged_batch.PagedBatch.next_step
+    monkeypatch.setattr(paged_batch.PagedBatch, "next_step", lambda self: steady.append(real_next(self)) or steady[-1])
     for lean in (True, False):
         engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=32))
         seen = logits[lean] = []
@@ -362,17 +362,17 @@ def test_a_prefill_steps_last_block_attends_from_the_due_sequences_last_token_on
     # gpt.last_block_rows: only the due sequences' next tokens need logits, so the last
     # layer computes every row's keys and values but attends, projects and runs its MLP
     # for their last rows only; a long prompt's first chunks only store keys and values
-    from model import fast_decode, paged_kv_cache
+    from model import fast_decode, paged_batch
     model = tiny_gpt()
     engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64, max_step_tokens=24)
     attended = []
-    real_attend = paged_kv_cache.PagedBatch.attend
+    real_attend = paged_batch.PagedBatch.attend
 
     def attend(self, layer, q, *args, **kwargs):
         y = real_attend(self, layer, q, *args, **kwargs)
         attended.append((layer, len(q), len(y)))
         return y
-    monkeypatch.setattr(paged_kv_cache.PagedBatch, "attend", attend)
+    monkeypatch.setattr(paged_batch.PagedBatch, "attend", attend)
     if not lean:
         monkeypatch.setattr(fast_decode, "applies", lambda *a: False)
     given = prompts([3, 7, 12, 30], seed=2)

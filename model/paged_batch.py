@@ -1,0 +1,442 @@
+"""One engine step over the paged KV cache: the packed row of new tokens, and attention.
+
+The serving engine runs one forward pass a step over every scheduled sequence: their new
+tokens sit side by side in one row (a prompt's chunk, or one decoded token), each at its
+own position. `PagedBatch` is that step's view of the PagedKVCache, handed to the model
+as its `cache`: in every layer the model calls `attend` with the row's queries, keys and
+values, and gets back each token's attention output, computed over its own sequence's
+keys only.
+
+Where those keys are read from (model/paged_kv_cache.py has the arrays):
+- every sequence whose next token is computed this step has a slot in the *slab*: the
+  decoding ones attend in one call, each over its own length (the rest is masked); a
+  prompt in its last chunk, with the others of its length, over its adjacent slots;
+- a prompt that goes on in the next step attends over a copy of its own, kept for then.
+New rows reach the pages as the rules in `attend` say. The plan of a step (who joins or
+leaves the slab, which rows move where) is made once, in its first layer (`_plan`); a
+step that only moves every member one token on is planned by `next_step`.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import tinygrad_lite.functional as F
+from tinygrad_lite import Tensor, backend
+
+from .paged_kv_cache import PagedKVCache, Slot, Transfer
+
+
+def causal_attention(queries, keys, values, lengths=None):
+    """Causal attention of arrays (g, nh, n, hs) over (g, nh, context, hs) -> (g, nh, n, hs),
+    by the selected ops tier (wrapped without a copy or checks: the model's own arrays).
+    With `lengths` (g ints), member i's one query attends to its first lengths[i] keys only."""
+    if lengths is not None:  # ragged: each sequence over its own keys
+        out = backend.xp_of(queries).empty_like(queries)
+        for i, n in enumerate(lengths):
+            out[i:i + 1] = causal_attention(queries[i:i + 1], keys[i:i + 1, :, :n], values[i:i + 1, :, :n])
+        return out
+    return F.scaled_dot_product_attention(*map(Tensor._from_array, (queries, keys, values)), causal=True).data
+
+
+def _as_slice(columns: list[int]) -> slice | None:
+    """A run of consecutive increasing columns as a slice (indexing by it is a view, not a
+    copy); None for any other list."""
+    if columns == list(range(columns[0], columns[0] + len(columns))):
+        return slice(columns[0], columns[0] + len(columns))
+    return None
+
+
+def _whole(columns, n: int) -> bool:
+    """Are these columns (a slice or an index array) all n columns of the row, in order?"""
+    return isinstance(columns, slice) and columns.start == 0 and columns.stop == n and columns.step in (None, 1)
+
+
+def _column_list(columns) -> list[int]:
+    """A group's columns (a slice or an index array) as a list of ints."""
+    if isinstance(columns, slice):
+        return list(range(columns.start, columns.stop, columns.step or 1))
+    return backend.to_numpy(columns).tolist()
+
+
+class Segment(NamedTuple):
+    """One sequence's part of a step: its n new tokens at positions start .. start+n-1,
+    in columns column .. column+n-1 of the packed row; `due` when they end its known
+    tokens (its next token is computed); it never holds more than `limit` positions."""
+
+    sequence: Any
+    table: list
+    start: int
+    n: int
+    limit: int
+    due: bool
+    column: int
+
+
+class PagedBatch:
+    """One step's sequences, packed side by side in one row of tokens, over a PagedKVCache.
+
+    segments: for each sequence, (sequence id, block table, start, n, limit, due): its n
+    new tokens sit at positions start .. start+n-1 and follow each other in the packed
+    row; `due` says they end the sequence's known tokens (its next token is computed this
+    step: a decode, or a prompt's last chunk); it will never hold more than `limit`
+    positions (its prompt and max_new_tokens). The model reads `positions` (N,) for its
+    position embeddings and calls `attend` in each layer. The id names the sequence as
+    long as its pages hold what they hold (the engine gives a readmitted sequence a new
+    one).
+    """
+
+    paged = True
+
+    def __init__(self, cache: PagedKVCache, segments: Sequence[tuple]) -> None:
+        self.cache = cache
+        positions, self.segments = [], []
+        column = self.end = 0
+        for sequence, table, start, n, limit, due in segments:
+            if n == 1:  # (the common case, decoding: one token)
+                positions.append(start)
+            else:
+                positions += range(start, start + n)
+            self.segments.append(Segment(sequence, table, start, n, limit, due, column))
+            column += n
+            self.end = max(self.end, start + n)  # one past the furthest position
+        self.positions = backend.namespace(cache.device).asarray(positions)
+        self.plan = None  # what attend does in every layer (decided in the first one)
+
+    def next_step(self) -> "PagedBatch | None":
+        """The step after this one when every sequence of this one decodes one token (none
+        joined or left, no prompt goes on in chunks): the same slab, each member one
+        position further. None when some sequence of this step is not in the slab.
+        NOTE: a running batch spends most of its steps like this; planning them afresh took
+        ~20 us of a ~1 ms step (timed inside the steps of 8 sequences, 4 layers, 2-core Xeon
+        VM)."""
+        plan = self.plan
+        if plan is None or plan.chunks:
+            return None
+        members = self.cache.slab.members
+        after = PagedBatch.__new__(PagedBatch)
+        after.cache, after.end = self.cache, self.end + 1
+        if not plan.prompts:  # every one decoded a token this step: the same columns next step
+            for member in members:
+                member.length += 1
+            d = plan.decode
+            after.positions, after.segments = self.positions + 1, None  # (only _plan reads segments)
+            after.plan = StepPlan(decode=d._replace(positions=d.positions + 1, longest=d.longest + 1, lengths=(
+                None if d.lengths is None else tuple(n + 1 for n in d.lengths))), steady=True)
+            return after
+        order = {segment.sequence: j for j, segment in enumerate(self.segments)}  # one token each, in this order
+        after.positions = backend.namespace(self.cache.device).asarray([s.start + s.n for s in self.segments])
+        after.segments = None
+        after.plan = StepPlan(decode=self._decode_plan(members, [order[m.sequence] for m in members]), steady=True)
+        return after
+
+    def attend(self, layer: int, q, k, v, attention=causal_attention, rows=None):
+        """q, k, v (N, nh, hs) arrays of the packed tokens -> attention output (N, nh, hs),
+        or with `rows` (an index array of wanted columns: the last block's, gpt.last_block_rows)
+        only those rows' (N', nh, hs).
+
+        Every sequence whose next token is computed this step has a slot in the slab; its
+        new keys and values go there, and the slab is what it attends over: the decoding
+        ones in one call of the model's causal attention, each over its own length (a
+        prompt in its last chunk, with the others of its length, over its adjacent slots).
+        A prompt that goes on next step attends over a copy of its own, kept for then.
+        `attention` (queries, keys, values, lengths=None) -> output, arrays, is by default
+        `causal_attention` (F.scaled_dot_product_attention: the selected ops tier; the lean
+        step passes the fast tier's kernels themselves). Inference only: nothing here is
+        recorded for a backward.
+
+        NOTE: the slab is kept from step to step, and a decoding sequence's new rows go to
+        the slab alone (a write-back cache: writing each row to its page too doubled the
+        cache misses of a decode step, ~18 us per layer, 8 sequences of 264 tokens, 2-core
+        Xeon VM). They reach the pages, many rows in one copy, before anyone could read
+        them there: when the sequence leaves the slab, when a step reads pages (a prefix
+        hit may share a page the slab has not written yet), and when the engine goes idle
+        (PagedKVCache.settle).
+        NOTE: before the slab, decoding sequences shared a copy (and an attention call)
+        only when their contexts were equally long: 32 requests of 32-96 prompt tokens took
+        ~26 calls a layer. One masked call instead (the lab's batch sweep, 48 new tokens
+        each, 5 alternating runs, 2-core AMD EPYC VM): max_batch_size 32 2,328 -> 3,906
+        tokens/s, 16 2,607 -> 3,738, 8 1,847 -> 2,531; 8 prompts of one length: unchanged.
+        """
+        if self.plan is None:  # (every layer does the same: what to do is decided once a step)
+            self.plan = self._plan()
+        plan = self.plan
+        if plan.steady and rows is None:  # the common step, in short: the slab's members, a token further each
+            out = self._decode(layer, q, k, v, attention)
+            if _whole(plan.decode.columns, len(q)):
+                return out
+            y = backend.xp_of(q).empty_like(q)
+            y[plan.decode.columns] = out
+            return y
+        cache, slab, shape = self.cache, self.cache.slab, (-1,) + q.shape[1:]
+        wanted = None if rows is None else {c: i for i, c in enumerate(backend.to_numpy(rows).tolist())}
+        if plan.flush is not None:  # rows only the slab holds go to the pages before anyone reads them
+            cache.write_pages(layer, plan.flush)
+        self._arrange(layer)
+        outputs = [] if plan.decode is None else [(plan.decode.columns, self._decode(layer, q, k, v, attention))]
+        keys, values = slab.k[layer], slab.v[layer]
+        for slots, start, end, columns, pool_rows in plan.prompts:  # prompts in their last chunk, alike ones together
+            g, n = slots.stop - slots.start, end - start
+            k_new, v_new = k[columns], v[columns]  # (g n, nh, hs)
+            cache.k[layer].reshape(shape)[pool_rows] = k_new  # the pool seen as one row per slot: a view
+            cache.v[layer].reshape(shape)[pool_rows] = v_new
+            keys[slots, :, start:end] = k_new.reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)
+            values[slots, :, start:end] = v_new.reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)
+            outputs.append(self._prompt_attention(q, columns, n, g, keys[slots, :, :end], values[slots, :, :end],
+                                                  attention, wanted))
+        kept, chunks = cache.chunks[layer], {}
+        for (members, tables, columns), n, context, pool_rows, limit in plan.chunks:  # prompts that go on next step
+            k_new, v_new = k[columns], v[columns]
+            cache.k[layer].reshape(shape)[pool_rows] = k_new
+            cache.v[layer].reshape(shape)[pool_rows] = v_new
+            copy = self.grown(kept.get(members), tables, n, context, limit, k_new, v_new) or self.gathered_afresh(
+                layer, tables, context, limit)
+            chunks[members] = copy
+            outputs.append(self._prompt_attention(q, columns, n, len(tables), copy.keys[:, :, :context],
+                                                  copy.values[:, :, :context], attention, wanted))
+        cache.chunks[layer] = chunks  # only this step's prompts can go on
+        outputs = [out for out in outputs if out is not None]
+        if wanted is not None:
+            return self._wanted_rows(outputs, wanted, q)
+        if len(outputs) == 1 and _whole(outputs[0][0], len(q)):  # one group holds the whole row, in order
+            return outputs[0][1]
+        y = backend.xp_of(q).empty(q.shape, dtype=q.dtype)
+        for columns, out in outputs:
+            y[columns] = out
+        return y
+
+    def _decode(self, layer: int, q, k, v, attention):
+        """The decoding members' new rows into their slots, and their attention in one call,
+        each over its own length: (S, nh, hs), in slot order."""
+        d, slab = self.plan.decode, self.cache.slab
+        keys, values = slab.k[layer], slab.v[layer]
+        keys[d.slots, :, d.positions] = k[d.columns]  # (each at its own position when they differ)
+        values[d.slots, :, d.positions] = v[d.columns]
+        out = attention(q[d.columns][:, :, None], keys[:d.count, :, :d.longest], values[:d.count, :, :d.longest],
+                        d.lengths)  # (S, nh, 1, hs)
+        return out[:, :, 0]
+
+    def _prompt_attention(self, q, columns, n: int, g: int, keys, values, attention, wanted):
+        """The causal attention of a group of g alike prompts' n new tokens over their keys
+        and values (g, nh, context, hs): (columns, (g n', nh, hs)); with `wanted`, only its
+        wanted rows' queries attend (None if none is wanted)."""
+        shape = (-1,) + q.shape[1:]
+        if wanted is not None:  # only some rows wanted: just the last query of each member, if those
+            columns, n = self._last_queries(columns, n, wanted)
+            if columns is None:
+                return None  # no row of this group is wanted (a prompt's first chunks): keys and values only
+        queries = q[columns].reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)  # (g, nh, n, hs)
+        out = attention(queries, keys, values)  # (g, nh, n, hs)
+        return columns, out.transpose(0, 2, 1, 3).reshape(shape)
+
+    @staticmethod
+    def _last_queries(columns, n: int, wanted: dict):
+        """A group's columns whose queries must attend when only `wanted` rows are: (each
+        member's last column, 1) when the wanted ones of the group are such (the engine wants
+        a prompt's last token only: its next token's logits); (None, n) when none is; else
+        (columns, n), all of them."""
+        listed = _column_list(columns)
+        here = set(listed).intersection(wanted)  # (set operations: a prompt brings hundreds of columns)
+        if not here:
+            return None, n
+        if n == 1 or not here.issubset(listed[n - 1::n]):
+            return columns, n
+        return columns[n - 1::n] if not isinstance(columns, slice) else slice(columns.start + n - 1, columns.stop, n), 1
+
+    @staticmethod
+    def _wanted_rows(outputs: list, wanted: dict, q):
+        """(N', nh, hs): the groups' outputs (columns, (g n, nh, hs)) at the wanted rows, in
+        their order."""
+        y = backend.xp_of(q).empty((len(wanted),) + q.shape[1:], dtype=q.dtype)
+        for columns, out in outputs:
+            picked = [(wanted[c], i) for i, c in enumerate(_column_list(columns)) if c in wanted]
+            if picked:
+                to, at = zip(*picked)
+                y[list(to)] = out[list(at)]
+        return y
+
+    def _plan(self) -> "StepPlan":
+        """What attend does in every layer of this step, and the slab's bookkeeping for it,
+        decided once (in the first layer):
+        1. rows only the slab holds go to their pages: a leaving member's (it gives its slot
+           up), and every member's when someone reads pages this step (a request whose
+           prompt starts with a page a member filled while decoding shares that page);
+        2. the last members move into the slots of those that left: members fill slots
+           0 .. M-1;
+        3. the sequences whose next token is computed and that have no slot yet take the
+           next ones (the slab grows first if they do not fit): one that decodes gathers its
+           keys and values so far from its pages; a prompt in its last chunk, with the
+           others of its length, takes adjacent slots (and gathers what a prefix hit or
+           earlier chunks computed).
+        The decoding members are then slots 0 .. S-1. A prompt that goes on next step is
+        not in the slab: it attends over a copy of its own (grown or gathered_afresh)."""
+        cache, slab, page = self.cache, self.cache.slab, self.cache.page_size
+        old, due = slab.members, {s.sequence for s in self.segments if s.due}
+        index = {m.sequence: i for i, m in enumerate(old)}
+        reading = any(s.start > 0 and s.sequence not in index for s in self.segments)  # (gathers from pages)
+        spans = []
+        for i, m in enumerate(old):
+            if m.written < m.length and (reading or m.sequence not in due):
+                spans.append((i, m.table, m.written, m.length))
+                m.written = m.length
+        flush = cache.transfer(spans)
+        survivors = sum(m.sequence in due for m in old)
+        holes = [i for i in range(survivors) if old[i].sequence not in due]
+        movers = [i for i in range(survivors, len(old)) if old[i].sequence in due]
+        moves = [(src, dst, old[src].length) for src, dst in zip(movers, holes)]
+        members = old[:survivors]
+        for src, dst, _ in moves:
+            members[dst] = old[src]
+        longest = max((m.length for m in members), default=0)
+        gathers, decoding, prompts, chunks = [], [], {}, {}
+        for s in self.segments:
+            if not s.due:  # a prompt going on next step: a copy of its own, alike ones together
+                chunks.setdefault((s.n, s.start + s.n), []).append(s)
+            elif s.n > 1:
+                prompts.setdefault((s.n, s.start + s.n), []).append(s)
+            else:
+                if s.sequence not in index:  # joins: its keys and values so far come from its pages
+                    gathers.append((len(members), s.table, 0, s.start))
+                    members.append(Slot(s.sequence, s.table, s.start, s.start, s.limit))
+                decoding.append(s)
+        columns = {s.sequence: s.column for s in decoding}
+        decode = self._decode_plan(members, [columns[m.sequence] for m in members]) if decoding else None
+        prompt_plans = []
+        for (n, end), group in prompts.items():
+            first = len(members)
+            gathers += [(first + j, s.table, 0, end - n) for j, s in enumerate(group)]
+            members += [Slot(s.sequence, s.table, end, end, s.limit) for s in group]
+            cols = [c for s in group for c in range(s.column, s.column + n)]
+            prompt_plans.append((slice(first, first + len(group)), end - n, end, _as_slice(cols) or
+                                 backend.namespace(cache.device).asarray(cols),
+                                 cache.slots([s.table for s in group], end - n, end)))
+        room = -(-max((m.limit for m in members), default=0) // page) * page
+        regrow = None
+        if len(members) > slab.capacity or room > slab.room:  # (it never shrinks: at most max_batch_size slots)
+            regrow = (max(len(members), slab.capacity), max(room, slab.room), survivors, longest)
+        slab.members = members
+        xp = backend.namespace(cache.device)
+        chunk_plans = []
+        for (n, end), group in chunks.items():
+            tables, cols = [s.table for s in group], [c for s in group for c in range(s.column, s.column + n)]
+            chunk_plans.append(((tuple(s.sequence for s in group), tables, _as_slice(cols) or xp.asarray(cols)), n, end,
+                                cache.slots(tables, end - n, end), max(s.limit for s in group)))
+        return StepPlan(flush, moves, regrow, cache.transfer(gathers), decode, prompt_plans, chunk_plans)
+
+    def _decode_plan(self, members: list, columns: list[int]) -> "DecodePlan":
+        """The decoding members (slots 0 .. S-1, one new token each at their length, which
+        this moves on by one) and their packed columns, slot by slot."""
+        count = len(columns)
+        positions = [m.length for m in members[:count]]
+        for m in members[:count]:
+            m.length += 1
+        xp = backend.namespace(self.cache.device)
+        cols = _as_slice(columns) or xp.asarray(columns)
+        if min(positions) == max(positions):  # alike: one position, and every key of the slab is theirs
+            return DecodePlan(count, cols, slice(0, count), positions[0], None, positions[0] + 1)
+        return DecodePlan(count, cols, xp.arange(count), xp.asarray(positions), tuple(p + 1 for p in positions),
+                          max(positions) + 1)
+
+    def _arrange(self, layer: int) -> None:
+        """This layer's slab as the plan wants it: members moved into the slots of those that
+        left, a bigger slab if needed, joiners' rows gathered from their pages."""
+        plan, cache, slab = self.plan, self.cache, self.cache.slab
+        keys, values = slab.k[layer], slab.v[layer]
+        for src, dst, length in plan.moves:
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]
+        if plan.regrow is not None:
+            capacity, room, survivors, longest = plan.regrow
+            shape, dtype = (capacity, cache.n_head, room, cache.head_size), cache.k[layer].dtype
+            xp = backend.namespace(cache.device)
+            grown = [xp.zeros(shape, dtype=dtype) for _ in range(2)]  # (zeros: finite rows past every length)
+            for new, now in zip(grown, (keys, values)):
+                if survivors:
+                    new[:survivors, :, :longest] = now[:survivors, :, :longest]
+            slab.k[layer], slab.v[layer] = grown
+        if plan.join is not None:
+            cache.read_pages(layer, plan.join)
+
+    def grown(self, kept: "Gathered | None", tables, n: int, context: int, limit: int, k_new,
+              v_new) -> "Gathered | None":
+        """The prompt group's copy with its n new rows each (g n, nh, hs) added: last step's,
+        if it goes on to `context` positions (a chunk after the one before), or a new one if
+        these rows are its whole context (a fresh prompt: nothing to gather); else None."""
+        if n == context:
+            kept = self.empty_copy(len(tables), context, limit)
+        elif not _can_grow(kept, context, n):
+            return None
+        g, nh, hs = len(tables), self.cache.n_head, self.cache.head_size
+        for buffer, new in ((kept.keys, k_new), (kept.values, v_new)):  # (g n, nh, hs) -> (g, nh, n, hs)
+            buffer[:, :, context - n:context] = new.reshape(g, n, nh, hs).transpose(0, 2, 1, 3)
+        kept.context, kept.tables = context, tables
+        return kept
+
+    def empty_copy(self, g: int, context: int, limit: int) -> "Gathered":
+        """Room for g prompts' keys and values up to `context` positions and some chunks
+        beyond (at most to `limit`, the most they will hold), holding none yet."""
+        pool, page = self.cache.k[0], self.cache.page_size
+        room = -(-min(limit, context + 8 * page) // page) * page  # capacity for the next chunks too
+        keys, values = (backend.xp_of(pool).empty((g, self.cache.n_head, room, self.cache.head_size),
+                                                  dtype=pool.dtype) for _ in range(2))
+        return Gathered(0, keys, values, None)
+
+    def gathered_afresh(self, layer: int, tables, context: int, limit: int) -> "Gathered":
+        """A prompt group's keys and values gathered from its pages (which hold all of them),
+        with room to grow for the next chunks."""
+        group = self.empty_copy(len(tables), context, limit)
+        group.keys[:, :, :context] = self.gather(self.cache.k[layer], tables, context)
+        group.values[:, :, :context] = self.gather(self.cache.v[layer], tables, context)
+        group.context, group.tables = context, tables
+        return group
+
+    def gather(self, pool, tables, context: int):
+        """The first `context` keys (or values) of each table's pages: (g, nh, context, hs).
+        A copy: NumPy has no matmul that reads pages where they lie."""
+        xp, g, nh, hs = backend.xp_of(pool), len(tables), self.cache.n_head, self.cache.head_size
+        # NOTE: take(), not pool[tables]: NumPy's fancy indexing by a 2-D index was ~20x slower
+        spanned = -(-context // self.cache.page_size)  # the pages its context spans
+        pages = xp.take(pool, xp.asarray([table[:spanned] for table in tables]), axis=0)  # (g, pages, page_size, nh, hs)
+        return pages.reshape(g, -1, nh, hs)[:, :context].transpose(0, 2, 1, 3)
+
+
+class Gathered:
+    """A prompt group's keys and values, contiguous per head, kept for its next chunk."""
+
+    __slots__ = ("context", "keys", "values", "tables")
+
+    def __init__(self, context: int, keys, values, tables: list) -> None:
+        self.context = context  # positions they hold
+        self.keys, self.values = keys, values  # (g, nh, room, hs), room >= context
+        self.tables = tables  # the members' block tables
+
+
+class DecodePlan(NamedTuple):
+    """The decoding members of a step: slots 0 .. count-1, their columns in the packed row
+    (slot by slot), where their new rows go (slots, positions: a slice and one position
+    when their lengths are alike), their lengths after it (None when alike) and the
+    longest."""
+
+    count: int
+    columns: Any
+    slots: Any
+    positions: Any
+    lengths: tuple | None
+    longest: int
+
+
+class StepPlan(NamedTuple):
+    """What PagedBatch.attend does in every layer of one step (PagedBatch._plan)."""
+
+    flush: Transfer | None = None  # slab rows to their pages, first
+    moves: list = []  # (from slot, to slot, length): members into the slots of those that left
+    regrow: tuple | None = None  # (capacity, room, members kept, their longest length): a bigger slab
+    join: Transfer | None = None  # pages' rows into the slots of sequences joining the slab
+    decode: DecodePlan | None = None  # the decoding members: one attention call
+    prompts: list = []  # (slots, start, end, columns, pool rows): prompts in their last chunk, alike ones
+    chunks: list = []  # ((members, tables, columns), n, end, pool rows, limit): prompts going on next step
+    steady: bool = False  # last step's members, one token further each, and nothing else (next_step)
+
+
+def _can_grow(kept: "Gathered | None", context: int, n: int = 1) -> bool:
+    """Does last step's copy of a prompt group go on to `context` positions with n new ones?"""
+    return kept is not None and kept.context == context - n and kept.keys.shape[2] >= context
