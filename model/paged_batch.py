@@ -120,8 +120,9 @@ class PagedBatch:
                 member.length += 1
             d = plan.decode
             after.positions, after.segments = self.positions + 1, None  # (only _plan reads segments)
-            after.plan = StepPlan(decode=d._replace(positions=d.positions + 1, longest=d.longest + 1, lengths=(
-                None if d.lengths is None else tuple(n + 1 for n in d.lengths))), steady=True)
+            lengths = None if d.lengths is None else tuple(n + 1 for n in d.lengths)
+            after.plan = StepPlan(decode=DecodePlan(d.count, d.columns, d.slots, d.positions + 1, lengths, d.longest + 1),
+                                  steady=True)
             return after
         order = {segment.sequence: j for j, segment in enumerate(self.segments)}  # one token each, in this order
         after.positions = backend.namespace(self.cache.device).asarray([s.start + s.n for s in self.segments])
