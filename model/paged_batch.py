@@ -154,9 +154,10 @@ class PagedBatch:
         (PagedKVCache.settle).
         NOTE: before the slab, decoding sequences shared a copy (and an attention call)
         only when their contexts were equally long: 32 requests of 32-96 prompt tokens took
-        ~26 calls a layer. One masked call instead (the lab's batch sweep, 48 new tokens
-        each, 5 alternating runs, 2-core AMD EPYC VM): max_batch_size 32 2,328 -> 3,906
-        tokens/s, 16 2,607 -> 3,738, 8 1,847 -> 2,531; 8 prompts of one length: unchanged.
+        ~26 calls a layer. One masked call instead (`python bench/engine_ab.py --against
+        2a77a65`, the lab's batch sweep, 7 alternating runs, 2-core AMD EPYC VM):
+        max_batch_size 32 2,353 -> 3,730 tokens/s, 16 1,903 -> 2,751, 8 1,589 -> 2,143;
+        8 prompts of one length: unchanged within noise.
         """
         if self.plan is None:  # (every layer does the same: what to do is decided once a step)
             self.plan = self._plan()
