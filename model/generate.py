@@ -31,7 +31,6 @@ Policies (tested in tests/test_generate.py):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tinygrad_lite import Tensor, backend, no_grad
