@@ -124,19 +124,21 @@ def _recording(engine: Engine, seen: list):
 def test_ragged_requests_arriving_while_others_decode_equal_generate_alone(pos):
     model = tiny_gpt(pos)
     engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
+    seen = logits_by_request(engine)
     first = prompts([5, 9])
     shared = prompts([10])[0]  # a prefix two later requests share (2.5 pages)
     later = [shared + [1, 2], shared + [3], prompts([3], seed=1)[0]]
     wanted = {}
     for p in first:
-        wanted[engine.submit(p, 12, temperature=0)] = p
+        wanted[engine.submit(p, 12, temperature=0)] = (p, 12)
     for _ in range(4):  # the first two are decoding when the others arrive
         engine.step()
     for p in later:
-        wanted[engine.submit(p, 10, temperature=0)] = p
+        wanted[engine.submit(p, 10, temperature=0)] = (p, 10)
     results = engine.run()
-    for rid, p in wanted.items():
-        assert results[rid] == alone(model, p, engine.request(rid).max_new_tokens), rid
+    for rid, (p, n) in wanted.items():
+        assert results[rid] == alone(model, p, n), rid
+    assert_logits_are_generates(model, seen, wanted)
     assert engine.prefix_hits >= 2  # the second user of `shared` found its 2 full pages
     assert_pool_is_empty(engine)
 
@@ -232,11 +234,12 @@ def test_sequences_that_decoded_together_go_on_right_as_they_leave_one_by_one():
     # that leaves writes its rows to its pages and gives its slot to the last member
     model = tiny_gpt()
     engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
-    same_length = prompts([6, 6, 6], seed=3)
-    rids = [engine.submit(p, n, temperature=0) for p, n in zip(same_length, (6, 11, 18))]
+    seen = logits_by_request(engine)
+    wanted = {engine.submit(p, n, temperature=0): (p, n) for p, n in zip(prompts([6, 6, 6], seed=3), (6, 11, 18))}
     results = engine.run()
-    for rid, p in zip(rids, same_length):
-        assert results[rid] == alone(model, p, engine.request(rid).max_new_tokens), rid
+    for rid, (p, n) in wanted.items():
+        assert results[rid] == alone(model, p, n), rid
+    assert_logits_are_generates(model, seen, wanted)
     assert_pool_is_empty(engine)
 
 
@@ -439,12 +442,13 @@ def test_preemption_under_a_small_pool_still_gives_the_right_outputs():
     model = tiny_gpt()
     # 4 requests of up to 30 tokens need up to 8 pages each: 10 pages cannot hold them all
     engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=10)
-    ps = prompts([6, 9, 4, 7], seed=3)
-    rids = [engine.submit(p, 20, temperature=0) for p in ps]
+    seen = logits_by_request(engine)
+    wanted = {engine.submit(p, 20, temperature=0): (p, 20) for p in prompts([6, 9, 4, 7], seed=3)}
     results = engine.run()
     assert engine.preemptions > 0
-    for rid, p in zip(rids, ps):
-        assert results[rid] == alone(model, p, 20)
+    for rid, (p, n) in wanted.items():
+        assert results[rid] == alone(model, p, n)
+    assert_logits_are_generates(model, seen, wanted)  # (a readmitted request's recomputed steps included)
     assert_pool_is_empty(engine)
 
 
