@@ -38,12 +38,17 @@ def causal_attention(queries, keys, values, lengths=None):
     return F.scaled_dot_product_attention(*map(Tensor._from_array, (queries, keys, values)), causal=True).data
 
 
-def _as_slice(columns: list[int]) -> slice | None:
-    """A run of consecutive increasing columns as a slice (indexing by it is a view, not a
-    copy); None for any other list."""
+def _columns(columns: list[int], device: str):
+    """Columns of the packed row to index by: a slice when they run consecutively upwards
+    (indexing by it is a view, not a copy), else an index array on the device."""
     if columns == list(range(columns[0], columns[0] + len(columns))):
         return slice(columns[0], columns[0] + len(columns))
-    return None
+    return backend.namespace(device).asarray(columns)
+
+
+def _group_columns(group: list, n: int) -> list[int]:
+    """The packed columns of a group of segments with n new tokens each, member by member."""
+    return [c for s in group for c in range(s.column, s.column + n)]
 
 
 def _whole(columns, n: int) -> bool:
@@ -179,8 +184,7 @@ class PagedBatch:
         for slots, start, end, columns, pool_rows in plan.prompts:  # prompts in their last chunk, alike ones together
             g, n = slots.stop - slots.start, end - start
             k_new, v_new = k[columns], v[columns]  # (g n, nh, hs)
-            cache.k[layer].reshape(shape)[pool_rows] = k_new  # the pool seen as one row per slot: a view
-            cache.v[layer].reshape(shape)[pool_rows] = v_new
+            cache.write_rows(layer, pool_rows, k_new, v_new)
             keys[slots, :, start:end] = k_new.reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)
             values[slots, :, start:end] = v_new.reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)
             outputs.append(self._prompt_attention(q, columns, n, g, keys[slots, :, :end], values[slots, :, :end],
@@ -188,8 +192,7 @@ class PagedBatch:
         kept, chunks = cache.chunks[layer], {}
         for (members, tables, columns), n, context, pool_rows, limit in plan.chunks:  # prompts that go on next step
             k_new, v_new = k[columns], v[columns]
-            cache.k[layer].reshape(shape)[pool_rows] = k_new
-            cache.v[layer].reshape(shape)[pool_rows] = v_new
+            cache.write_rows(layer, pool_rows, k_new, v_new)
             copy = self.grown(kept.get(members), tables, n, context, limit, k_new, v_new) or self.gathered_afresh(
                 layer, tables, context, limit)
             chunks[members] = copy
@@ -307,20 +310,19 @@ class PagedBatch:
             first = len(members)
             gathers += [(first + j, s.table, 0, end - n) for j, s in enumerate(group)]
             members += [Slot(s.sequence, s.table, end, end, s.limit) for s in group]
-            cols = [c for s in group for c in range(s.column, s.column + n)]
-            prompt_plans.append((slice(first, first + len(group)), end - n, end, _as_slice(cols) or
-                                 backend.namespace(cache.device).asarray(cols),
+            prompt_plans.append((slice(first, first + len(group)), end - n, end,
+                                 _columns(_group_columns(group, n), cache.device),
                                  cache.slots([s.table for s in group], end - n, end)))
         room = -(-max((m.limit for m in members), default=0) // page) * page
         regrow = None
         if len(members) > slab.capacity or room > slab.room:  # (it never shrinks: at most max_batch_size slots)
             regrow = (max(len(members), slab.capacity), max(room, slab.room), survivors, longest)
         slab.members = members
-        xp = backend.namespace(cache.device)
         chunk_plans = []
         for (n, end), group in chunks.items():
-            tables, cols = [s.table for s in group], [c for s in group for c in range(s.column, s.column + n)]
-            chunk_plans.append(((tuple(s.sequence for s in group), tables, _as_slice(cols) or xp.asarray(cols)), n, end,
+            tables = [s.table for s in group]
+            cols = _columns(_group_columns(group, n), cache.device)
+            chunk_plans.append(((tuple(s.sequence for s in group), tables, cols), n, end,
                                 cache.slots(tables, end - n, end), max(s.limit for s in group)))
         return StepPlan(flush, moves, regrow, cache.transfer(gathers), decode, prompt_plans, chunk_plans)
 
@@ -332,7 +334,7 @@ class PagedBatch:
         for m in members[:count]:
             m.length += 1
         xp = backend.namespace(self.cache.device)
-        cols = _as_slice(columns) or xp.asarray(columns)
+        cols = _columns(columns, self.cache.device)
         if min(positions) == max(positions):  # alike: one position, and every key of the slab is theirs
             return DecodePlan(count, cols, slice(0, count), positions[0], None, positions[0] + 1)
         return DecodePlan(count, cols, xp.arange(count), xp.asarray(positions), tuple(p + 1 for p in positions),
@@ -370,7 +372,7 @@ class PagedBatch:
         g, nh, hs = len(tables), self.cache.n_head, self.cache.head_size
         for buffer, new in ((kept.keys, k_new), (kept.values, v_new)):  # (g n, nh, hs) -> (g, nh, n, hs)
             buffer[:, :, context - n:context] = new.reshape(g, n, nh, hs).transpose(0, 2, 1, 3)
-        kept.context, kept.tables = context, tables
+        kept.context = context
         return kept
 
     def empty_copy(self, g: int, context: int, limit: int) -> "Gathered":
@@ -380,7 +382,7 @@ class PagedBatch:
         room = -(-min(limit, context + 8 * page) // page) * page  # capacity for the next chunks too
         keys, values = (backend.xp_of(pool).empty((g, self.cache.n_head, room, self.cache.head_size),
                                                   dtype=pool.dtype) for _ in range(2))
-        return Gathered(0, keys, values, None)
+        return Gathered(0, keys, values)
 
     def gathered_afresh(self, layer: int, tables, context: int, limit: int) -> "Gathered":
         """A prompt group's keys and values gathered from its pages (which hold all of them),
@@ -388,7 +390,7 @@ class PagedBatch:
         group = self.empty_copy(len(tables), context, limit)
         group.keys[:, :, :context] = self.gather(self.cache.k[layer], tables, context)
         group.values[:, :, :context] = self.gather(self.cache.v[layer], tables, context)
-        group.context, group.tables = context, tables
+        group.context = context
         return group
 
     def gather(self, pool, tables, context: int):
@@ -404,12 +406,11 @@ class PagedBatch:
 class Gathered:
     """A prompt group's keys and values, contiguous per head, kept for its next chunk."""
 
-    __slots__ = ("context", "keys", "values", "tables")
+    __slots__ = ("context", "keys", "values")
 
-    def __init__(self, context: int, keys, values, tables: list) -> None:
+    def __init__(self, context: int, keys, values) -> None:
         self.context = context  # positions they hold
         self.keys, self.values = keys, values  # (g, nh, room, hs), room >= context
-        self.tables = tables  # the members' block tables
 
 
 class DecodePlan(NamedTuple):

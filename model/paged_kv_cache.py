@@ -144,11 +144,17 @@ class PagedKVCache:
         rows = host.concatenate([self.pool_rows(table, start, end) for _, table, start, end in spans])
         return Transfer(xp.asarray(slots), xp.asarray(positions), xp.asarray(rows))
 
+    def write_rows(self, layer: int, pool_rows, keys, values) -> None:
+        """Store keys and values (R, nh, hs) at these pool rows (the pool seen as one row per
+        slot: a view)."""
+        shape = (-1, self.n_head, self.head_size)
+        self.k[layer].reshape(shape)[pool_rows] = keys
+        self.v[layer].reshape(shape)[pool_rows] = values
+
     def write_pages(self, layer: int, rows: "Transfer") -> None:
         """Copy these rows of the slab into their pages."""
-        shape = (-1, self.n_head, self.head_size)
-        for pool, slab in ((self.k[layer], self.slab.k[layer]), (self.v[layer], self.slab.v[layer])):
-            pool.reshape(shape)[rows.pool_rows] = slab[rows.slots, :, rows.positions]
+        at = rows.slots, slice(None), rows.positions  # (R, nh, hs) of the slab
+        self.write_rows(layer, rows.pool_rows, self.slab.k[layer][at], self.slab.v[layer][at])
 
     def read_pages(self, layer: int, rows: "Transfer") -> None:
         """Copy these rows from their pages into the slab."""
@@ -163,8 +169,9 @@ class PagedKVCache:
         partial page is forgotten. (The slab's arrays stay, for the next requests.)"""
         page, members = self.page_size, self.slab.members
         rows = self.transfer([(i, m.table, m.written, m.length // page * page) for i, m in enumerate(members)])
-        for layer in range(len(self.k) if rows is not None else 0):
-            self.write_pages(layer, rows)
+        if rows is not None:
+            for layer in range(len(self.k)):
+                self.write_pages(layer, rows)
         self.slab.members = []
 
 
