@@ -328,19 +328,20 @@ class Engine:
     def _forward(self, batch: list[tuple[Request, int]]) -> tuple[list[Request], Any]:
         """One forward pass over the batch's new tokens, packed in one row. Returns the R
         requests whose known tokens are now all computed, and their host logits (R, V)."""
-        ids, wanted, due = [], [], []
+        ids, wanted, due, is_due = [], [], [], []
         for request, n in batch:
             start = request.num_cached
             ids += request.tokens[start:start + n]
-            if start + n == len(request.tokens):  # the whole sequence is in: its next token is due
+            is_due.append(start + n == len(request.tokens))  # the whole sequence is in: its next token is due
+            if is_due[-1]:
                 wanted.append(len(ids) - 1)
                 due.append(request)
         view = None
         if not self._regrouped and len(ids) == len(batch):  # last step's sequences, one token each
             view = self._view.next_step()  # (None unless they were all in the slab)
         if view is None:
-            view = PagedBatch(self.cache, [(r.sequence, r.pages, r.num_cached, n, len(r.prompt) + r.max_new_tokens,
-                                            r.num_cached + n == len(r.tokens)) for r, n in batch])
+            view = PagedBatch(self.cache, [(r.sequence, r.pages, r.num_cached, n, len(r.prompt) + r.max_new_tokens, d)
+                                           for (r, n), d in zip(batch, is_due)])
         device = self.cache.device
         columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
