@@ -4,7 +4,6 @@ and a run resumes exactly."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
