@@ -10,7 +10,8 @@ keys only.
 Where those keys are read from (model/paged_kv_cache.py has the arrays):
 - every sequence whose next token is computed this step has a slot in the *slab*: the
   decoding ones attend in one call, each over its own length (the rest is masked); a
-  prompt in its last chunk, with the others of its length, over its adjacent slots;
+  prompt in its last chunk, with others that start where it does, over adjacent slots
+  (padded to the group's longest: `Group`);
 - a prompt that goes on in the next step attends over a copy of its own, kept for then.
 New rows reach the pages as the rules in `attend` say. The plan of a step (who joins or
 leaves the slab, which rows move where) is made once, in its first layer (`_plan`); a
@@ -23,6 +24,7 @@ from typing import Any, NamedTuple, Sequence
 import tinygrad_lite.functional as F
 from tinygrad_lite import Tensor, backend
 
+from .packed_row import Group, Segment, buckets, column_list, columns_of, group_of, is_whole
 from .paged_kv_cache import PagedKVCache, Slot, Transfer
 
 
@@ -36,45 +38,6 @@ def causal_attention(queries, keys, values, lengths=None):
             out[i:i + 1] = causal_attention(queries[i:i + 1], keys[i:i + 1, :, :n], values[i:i + 1, :, :n])
         return out
     return F.scaled_dot_product_attention(*map(Tensor._from_array, (queries, keys, values)), causal=True).data
-
-
-def _columns(columns: list[int], device: str):
-    """Columns of the packed row to index by: a slice when they run consecutively upwards
-    (indexing by it is a view, not a copy), else an index array on the device."""
-    if columns == list(range(columns[0], columns[0] + len(columns))):
-        return slice(columns[0], columns[0] + len(columns))
-    return backend.namespace(device).asarray(columns)
-
-
-def _group_columns(group: list, n: int) -> list[int]:
-    """The packed columns of a group of segments with n new tokens each, member by member."""
-    return [c for s in group for c in range(s.column, s.column + n)]
-
-
-def _whole(columns, n: int) -> bool:
-    """Are these columns (a slice or an index array) all n columns of the row, in order?"""
-    return isinstance(columns, slice) and columns.start == 0 and columns.stop == n and columns.step in (None, 1)
-
-
-def _column_list(columns) -> list[int]:
-    """A group's columns (a slice or an index array) as a list of ints."""
-    if isinstance(columns, slice):
-        return list(range(columns.start, columns.stop, columns.step or 1))
-    return backend.to_numpy(columns).tolist()
-
-
-class Segment(NamedTuple):
-    """One sequence's part of a step: its n new tokens at positions start .. start+n-1,
-    in columns column .. column+n-1 of the packed row; `due` when they end its known
-    tokens (its next token is computed); it never holds more than `limit` positions."""
-
-    sequence: Any
-    table: list
-    start: int
-    n: int
-    limit: int
-    due: bool
-    column: int
 
 
 class PagedBatch:
@@ -143,7 +106,8 @@ class PagedBatch:
         Every sequence whose next token is computed this step has a slot in the slab; its
         new keys and values go there, and the slab is what it attends over: the decoding
         ones in one call of the model's causal attention, each over its own length (a
-        prompt in its last chunk, with the others of its length, over its adjacent slots).
+        prompt in its last chunk, with others that start where it does, over adjacent slots,
+        right-padded to the group's longest).
         A prompt that goes on next step attends over a copy of its own, kept for then.
         `attention` (queries, keys, values, lengths=None) -> output, arrays, is by default
         `causal_attention` (F.scaled_dot_product_attention: the selected ops tier; the lean
@@ -169,40 +133,40 @@ class PagedBatch:
         plan = self.plan
         if plan.steady and rows is None:  # the common step, in short: the slab's members, a token further each
             out = self._decode(layer, q, k, v, attention)
-            if _whole(plan.decode.columns, len(q)):
+            if is_whole(plan.decode.columns, len(q)):
                 return out
             y = backend.xp_of(q).empty_like(q)
             y[plan.decode.columns] = out
             return y
-        cache, slab, shape = self.cache, self.cache.slab, (-1,) + q.shape[1:]
+        cache, slab = self.cache, self.cache.slab
         wanted = None if rows is None else {c: i for i, c in enumerate(backend.to_numpy(rows).tolist())}
         if plan.flush is not None:  # rows only the slab holds go to the pages before anyone reads them
             cache.write_pages(layer, plan.flush)
         self._arrange(layer)
         outputs = [] if plan.decode is None else [(plan.decode.columns, self._decode(layer, q, k, v, attention))]
         keys, values = slab.k[layer], slab.v[layer]
-        for slots, start, end, columns, pool_rows in plan.prompts:  # prompts in their last chunk, alike ones together
-            g, n = slots.stop - slots.start, end - start
-            k_new, v_new = k[columns], v[columns]  # (g n, nh, hs)
+        for slots, start, group, pool_rows in plan.prompts:  # prompts in their last chunk, by start (buckets)
+            k_new, v_new = k[group.columns], v[group.columns]  # (R, nh, hs)
             cache.write_rows(layer, pool_rows, k_new, v_new)
-            keys[slots, :, start:end] = k_new.reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)
-            values[slots, :, start:end] = v_new.reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)
-            outputs.append(self._prompt_attention(q, columns, n, g, keys[slots, :, :end], values[slots, :, :end],
+            end = start + group.n
+            keys[slots, :, start:end] = group.padded(k_new)
+            values[slots, :, start:end] = group.padded(v_new)
+            outputs.append(self._prompt_attention(q, group, keys[slots, :, :end], values[slots, :, :end],
                                                   attention, wanted))
         kept, chunks = cache.chunks[layer], {}
-        for (members, tables, columns), n, context, pool_rows, limit in plan.chunks:  # prompts that go on next step
-            k_new, v_new = k[columns], v[columns]
+        for (members, tables, group), context, pool_rows, limit in plan.chunks:  # prompts that go on next step
+            k_new, v_new, n = k[group.columns], v[group.columns], group.n
             cache.write_rows(layer, pool_rows, k_new, v_new)
             copy = self.grown(kept.get(members), tables, n, context, limit, k_new, v_new) or self.gathered_afresh(
                 layer, tables, context, limit)
             chunks[members] = copy
-            outputs.append(self._prompt_attention(q, columns, n, len(tables), copy.keys[:, :, :context],
-                                                  copy.values[:, :, :context], attention, wanted))
+            outputs.append(self._prompt_attention(q, group, copy.keys[:, :, :context], copy.values[:, :, :context],
+                                                  attention, wanted))
         cache.chunks[layer] = chunks  # only this step's prompts can go on
         outputs = [out for out in outputs if out is not None]
         if wanted is not None:
             return self._wanted_rows(outputs, wanted, q)
-        if len(outputs) == 1 and _whole(outputs[0][0], len(q)):  # one group holds the whole row, in order
+        if len(outputs) == 1 and is_whole(outputs[0][0], len(q)):  # one group holds the whole row, in order
             return outputs[0][1]
         y = backend.xp_of(q).empty(q.shape, dtype=q.dtype)
         for columns, out in outputs:
@@ -220,32 +184,24 @@ class PagedBatch:
                         d.lengths)  # (S, nh, 1, hs)
         return out[:, :, 0]
 
-    def _prompt_attention(self, q, columns, n: int, g: int, keys, values, attention, wanted):
-        """The causal attention of a group of g alike prompts' n new tokens over their keys
-        and values (g, nh, context, hs): (columns, (g n', nh, hs)); with `wanted`, only its
-        wanted rows' queries attend (None if none is wanted)."""
-        shape = (-1,) + q.shape[1:]
-        if wanted is not None:  # only some rows wanted: just the last query of each member, if those
-            columns, n = self._last_queries(columns, n, wanted)
-            if columns is None:
-                return None  # no row of this group is wanted (a prompt's first chunks): keys and values only
-        queries = q[columns].reshape(g, n, *shape[1:]).transpose(0, 2, 1, 3)  # (g, nh, n, hs)
-        out = attention(queries, keys, values)  # (g, nh, n, hs)
-        return columns, out.transpose(0, 2, 1, 3).reshape(shape)
-
-    @staticmethod
-    def _last_queries(columns, n: int, wanted: dict):
-        """A group's columns whose queries must attend when only `wanted` rows are: (each
-        member's last column, 1) when the wanted ones of the group are such (the engine wants
-        a prompt's last token only: its next token's logits); (None, n) when none is; else
-        (columns, n), all of them."""
-        listed = _column_list(columns)
-        here = set(listed).intersection(wanted)  # (set operations: a prompt brings hundreds of columns)
-        if not here:
-            return None, n
-        if n == 1 or not here.issubset(listed[n - 1::n]):
-            return columns, n
-        return columns[n - 1::n] if not isinstance(columns, slice) else slice(columns.start + n - 1, columns.stop, n), 1
+    def _prompt_attention(self, q, group: Group, keys, values, attention, wanted):
+        """The causal attention of a group of prompts' new tokens over their keys and values
+        (g, nh, context, hs), each member's new positions ending at context - (n - its
+        length): (columns, (R, nh, hs)). With `wanted`, only what the wanted rows need: the
+        engine wants each prompt's last token (its next token's logits), so just those
+        queries attend, each over its own keys (None if no row of the group is wanted: a
+        prompt's first chunks, whose keys and values are the point)."""
+        if wanted is not None:
+            here = set(column_list(group.columns)).intersection(wanted)  # (set operations: hundreds of columns)
+            if not here:
+                return None
+            last = group.last_columns()
+            if here.issubset(last):
+                columns = columns_of(last, self.cache.device)
+                ends = None if group.where is None else tuple(keys.shape[2] - group.n + n for n in group.lengths)
+                return columns, attention(q[columns][:, :, None], keys, values, ends)[:, :, 0]
+        out = attention(group.padded(q[group.columns]), keys, values)  # (g, nh, n, hs)
+        return group.columns, group.unpadded(out)
 
     @staticmethod
     def _wanted_rows(outputs: list, wanted: dict, q):
@@ -253,7 +209,7 @@ class PagedBatch:
         their order."""
         y = backend.xp_of(q).empty((len(wanted),) + q.shape[1:], dtype=q.dtype)
         for columns, out in outputs:
-            picked = [(wanted[c], i) for i, c in enumerate(_column_list(columns)) if c in wanted]
+            picked = [(wanted[c], i) for i, c in enumerate(column_list(columns)) if c in wanted]
             if picked:
                 to, at = zip(*picked)
                 y[list(to)] = out[list(at)]
@@ -269,9 +225,9 @@ class PagedBatch:
            0 .. M-1;
         3. the sequences whose next token is computed and that have no slot yet take the
            next ones (the slab grows first if they do not fit): one that decodes gathers its
-           keys and values so far from its pages; a prompt in its last chunk, with the
-           others of its length, takes adjacent slots (and gathers what a prefix hit or
-           earlier chunks computed).
+           keys and values so far from its pages; a prompt in its last chunk, with others
+           that start where it does (packed_row.buckets), takes adjacent slots (and gathers
+           what a prefix hit or earlier chunks computed).
         The decoding members are then slots 0 .. S-1. A prompt that goes on next step is
         not in the slab: it attends over a copy of its own (grown or gathered_afresh)."""
         cache, slab, page = self.cache, self.cache.slab, self.cache.page_size
@@ -296,8 +252,8 @@ class PagedBatch:
         for s in self.segments:
             if not s.due:  # a prompt going on next step: a copy of its own, alike ones together
                 chunks.setdefault((s.n, s.start + s.n), []).append(s)
-            elif s.n > 1:
-                prompts.setdefault((s.n, s.start + s.n), []).append(s)
+            elif s.n > 1:  # a prompt in its last chunk: with others from the same start
+                prompts.setdefault(s.start, []).append(s)
             else:
                 if s.sequence not in index:  # joins: its keys and values so far come from its pages
                     gathers.append((len(members), s.table, 0, s.start))
@@ -306,13 +262,13 @@ class PagedBatch:
         columns = {s.sequence: s.column for s in decoding}
         decode = self._decode_plan(members, [columns[m.sequence] for m in members]) if decoding else None
         prompt_plans = []
-        for (n, end), group in prompts.items():
-            first = len(members)
-            gathers += [(first + j, s.table, 0, end - n) for j, s in enumerate(group)]
-            members += [Slot(s.sequence, s.table, end, end, s.limit) for s in group]
-            prompt_plans.append((slice(first, first + len(group)), end - n, end,
-                                 _columns(_group_columns(group, n), cache.device),
-                                 cache.slots([s.table for s in group], end - n, end)))
+        for start, alike in prompts.items():
+            for bucket in buckets(alike, start):
+                first = len(members)
+                gathers += [(first + j, s.table, 0, start) for j, s in enumerate(bucket)]
+                members += [Slot(s.sequence, s.table, start + s.n, start + s.n, s.limit) for s in bucket]
+                prompt_plans.append((slice(first, first + len(bucket)), start, group_of(bucket, cache.device),
+                                     cache.slots([s.table for s in bucket], start, [start + s.n for s in bucket])))
         room = -(-max((m.limit for m in members), default=0) // page) * page
         regrow = None
         if len(members) > slab.capacity or room > slab.room:  # (it never shrinks: at most max_batch_size slots)
@@ -321,9 +277,8 @@ class PagedBatch:
         chunk_plans = []
         for (n, end), group in chunks.items():
             tables = [s.table for s in group]
-            cols = _columns(_group_columns(group, n), cache.device)
-            chunk_plans.append(((tuple(s.sequence for s in group), tables, cols), n, end,
-                                cache.slots(tables, end - n, end), max(s.limit for s in group)))
+            chunk_plans.append(((tuple(s.sequence for s in group), tables, group_of(group, cache.device)), end,
+                                cache.slots(tables, end - n, [end] * len(tables)), max(s.limit for s in group)))
         return StepPlan(flush, moves, regrow, cache.transfer(gathers), decode, prompt_plans, chunk_plans)
 
     def _decode_plan(self, members: list, columns: list[int]) -> "DecodePlan":
@@ -334,7 +289,7 @@ class PagedBatch:
         for m in members[:count]:
             m.length += 1
         xp = backend.namespace(self.cache.device)
-        cols = _columns(columns, self.cache.device)
+        cols = columns_of(columns, self.cache.device)
         if min(positions) == max(positions):  # alike: one position, and every key of the slab is theirs
             return DecodePlan(count, cols, slice(0, count), positions[0], None, positions[0] + 1)
         return DecodePlan(count, cols, xp.arange(count), xp.asarray(positions), tuple(p + 1 for p in positions),
@@ -435,8 +390,8 @@ class StepPlan(NamedTuple):
     regrow: tuple | None = None  # (capacity, room, members kept, their longest length): a bigger slab
     join: Transfer | None = None  # pages' rows into the slots of sequences joining the slab
     decode: DecodePlan | None = None  # the decoding members: one attention call
-    prompts: list = []  # (slots, start, end, columns, pool rows): prompts in their last chunk, alike ones
-    chunks: list = []  # ((members, tables, columns), n, end, pool rows, limit): prompts going on next step
+    prompts: list = []  # (slots, start, Group, pool rows): prompts in their last chunk, by start and length
+    chunks: list = []  # ((members, tables, Group), end, pool rows, limit): prompts going on next step
     steady: bool = False  # last step's members, one token further each, and nothing else (next_step)
 
 

@@ -127,9 +127,10 @@ class PagedKVCache:
         positions = host.arange(start, end)
         return host.asarray(table)[positions // page] * page + positions % page
 
-    def slots(self, tables, start: int, end: int):
-        """The pool rows of positions start .. end-1 of each table's sequence: (g (end - start),)."""
-        rows = [self.pool_rows(table, start, end) for table in tables]
+    def slots(self, tables, start: int, ends: Sequence[int]):
+        """The pool rows of positions start .. ends[i]-1 of each table's sequence, one after
+        the other: (sum(ends) - g start,)."""
+        rows = [self.pool_rows(table, start, end) for table, end in zip(tables, ends)]
         return backend.namespace(self.device).asarray(backend.numpy.concatenate(rows))
 
     def transfer(self, spans) -> "Transfer | None":

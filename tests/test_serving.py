@@ -338,6 +338,46 @@ def test_prompts_that_arrive_together_take_slots_by_length_not_in_the_rows_order
     assert_pool_is_empty(engine)
 
 
+@pytest.mark.parametrize("pad_pairs, groups", [(None, 1), (100, 2), (0, 5)])
+def test_prompts_of_different_lengths_prefill_right_padded_in_few_attention_calls(pad_pairs, groups, monkeypatch):
+    # prompts that start together pad to the longest of their group: under the causal mask
+    # no real query sees a padded key, so one call a layer serves them all (the last layer
+    # attends from each prompt's last token, masked at its own length); PAD_PAIRS bounds
+    # the padding a group may add (100 pairs: 4, 5 and 6 join 3, but 40 does not; 0: alike
+    # lengths only)
+    from model import fast_decode, packed_row
+    if pad_pairs is not None:
+        monkeypatch.setattr(packed_row, "PAD_PAIRS", pad_pairs)
+    model = tiny_gpt()
+    engine = poisoned(Engine(model, max_batch_size=6, page_size=4, num_blocks=64))
+    seen = logits_by_request(engine)
+    wanted = {engine.submit(p, 6, temperature=0): (p, 6) for p in prompts([6, 3, 40, 5, 4], seed=9)}
+    calls = []
+    real = fast_decode._attention
+    monkeypatch.setattr(fast_decode, "_attention", lambda q, k, v, lengths=None: calls.append(
+        (q.shape[0], q.shape[2], lengths)) or real(q, k, v, lengths))
+    engine.step()  # the five prefills: (members, queries, lengths) of each call, layer by layer
+    below = {1: [(5, 40, None)], 2: [(4, 6, None), (1, 40, None)], 5: [(1, n, None) for n in (3, 4, 5, 6, 40)]}
+    top = {1: [(5, 1, (3, 4, 5, 6, 40))], 2: [(4, 1, (3, 4, 5, 6)), (1, 1, None)], 5: [(1, 1, None)] * 5}
+    assert calls == below[groups] * (model.config.n_layer - 1) + top[groups]
+    engine.run()
+    assert_logits_are_generates(model, seen, wanted)
+    assert_pool_is_empty(engine)
+
+
+def test_right_padded_prefills_give_the_usual_paths_logits(monkeypatch):
+    # the usual (ops) path pads the same groups and runs them through the ops tier's causal
+    # attention (the last layer: each prompt's last query over its own keys)
+    from model import fast_decode
+    monkeypatch.setattr(fast_decode, "applies", lambda *a: False)
+    model = tiny_gpt(bias=True)
+    engine = poisoned(Engine(model, max_batch_size=6, page_size=4, num_blocks=64))
+    seen = logits_by_request(engine)
+    wanted = {engine.submit(p, 5, temperature=0): (p, 5) for p in prompts([6, 3, 17, 5, 4], seed=2)}
+    engine.run()
+    assert_logits_are_generates(model, seen, wanted)
+
+
 def test_the_slab_grows_and_gives_a_leavers_slot_to_its_last_member():
     # a sequence that leaves gives its slot to the slab's last member (it moves), and a
     # request that needs more slots or a longer context than the slab has grows it (the
