@@ -326,13 +326,17 @@ def test_sequences_of_different_lengths_decode_in_one_attention_call_a_layer(mon
     assert_logits_are_generates(model, seen, wanted)
 
 
-def test_prompts_that_arrive_together_take_slots_by_length_not_in_the_rows_order():
-    # alike prompts prefill together in adjacent slots, so the slab's order is not the
-    # packed row's: each decoding sequence must still find its own slot
+def test_prompts_that_arrive_together_take_slots_by_length_not_in_the_rows_order(monkeypatch):
+    # prompts prefill in groups of adjacent slots; with groups of alike lengths only
+    # (PAD_PAIRS 0), the slab's order is not the packed row's: each decoding sequence must
+    # still find its own slot (slots hold rows 0, 2, 1, 4, 3, 5: the first and the last in
+    # place, which a check of the ends alone would take for a slice)
+    from model import packed_row
+    monkeypatch.setattr(packed_row, "PAD_PAIRS", 0)
     model = tiny_gpt()
     engine = poisoned(Engine(model, max_batch_size=6, page_size=4, num_blocks=64))
     seen = logits_by_request(engine)
-    wanted = {engine.submit(p, 7, temperature=0): (p, 7) for p in prompts([3, 5, 3, 6, 5, 4], seed=8)}
+    wanted = {engine.submit(p, 7, temperature=0): (p, 7) for p in prompts([3, 5, 3, 6, 5, 7], seed=8)}
     engine.run()
     assert_logits_are_generates(model, seen, wanted)
     assert_pool_is_empty(engine)
@@ -357,8 +361,9 @@ def test_prompts_of_different_lengths_prefill_right_padded_in_few_attention_call
     monkeypatch.setattr(fast_decode, "_attention", lambda q, k, v, lengths=None: calls.append(
         (q.shape[0], q.shape[2], lengths)) or real(q, k, v, lengths))
     engine.step()  # the five prefills: (members, queries, lengths) of each call, layer by layer
+    # (groups by length, shortest first; in a group, the row's order)
     below = {1: [(5, 40, None)], 2: [(4, 6, None), (1, 40, None)], 5: [(1, n, None) for n in (3, 4, 5, 6, 40)]}
-    top = {1: [(5, 1, (3, 4, 5, 6, 40))], 2: [(4, 1, (3, 4, 5, 6)), (1, 1, None)], 5: [(1, 1, None)] * 5}
+    top = {1: [(5, 1, (6, 3, 40, 5, 4))], 2: [(4, 1, (6, 3, 5, 4)), (1, 1, None)], 5: [(1, 1, None)] * 5}
     assert calls == below[groups] * (model.config.n_layer - 1) + top[groups]
     engine.run()
     assert_logits_are_generates(model, seen, wanted)
