@@ -458,6 +458,32 @@ def test_requests_sharing_a_prefix_hold_the_same_pages_and_skip_its_prefill():
     assert_pool_is_empty(engine)
 
 
+def test_questions_of_different_lengths_behind_a_cached_prefix_prefill_in_one_padded_group(monkeypatch):
+    # requests behind one cached system prompt start at the same position: their
+    # questions prefill as one group, right-padded after the shared pages, while the first
+    # request decodes beside them (poisoned pool: every row read was written)
+    from model import fast_decode
+    model = tiny_gpt()
+    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
+    seen = logits_by_request(engine)
+    system = prompts([13])[0]  # 3 full pages and one token
+    wanted = {engine.submit(system + [5], 8, temperature=0): (system + [5], 8)}
+    engine.step()
+    later = [system + q for q in prompts([1, 4, 2], seed=3)]
+    wanted.update({engine.submit(p, 6, temperature=0): (p, 6) for p in later})
+    calls = []
+    real = fast_decode._attention
+    monkeypatch.setattr(fast_decode, "_attention", lambda q, k, v, lengths=None: calls.append(
+        (q.shape[0], q.shape[2], k.shape[2], lengths)) or real(q, k, v, lengths))
+    engine.step()  # the first decodes; the three prefill 2, 5 and 3 tokens after the 12 cached
+    assert engine.prefix_hits == 3 * 3
+    prefill = [c for c in calls if c[0] == 3]  # (the other call a layer is the first one's decode)
+    assert prefill == [(3, 5, 17, None)] * (model.config.n_layer - 1) + [(3, 1, 17, (14, 17, 15))]
+    engine.run()
+    assert_logits_are_generates(model, seen, wanted)
+    assert_pool_is_empty(engine)
+
+
 def test_a_finished_requests_prefix_pages_are_revived_by_a_later_one():
     model = tiny_gpt()
     engine = Engine(model, max_batch_size=2, page_size=4, num_blocks=16)
