@@ -69,11 +69,16 @@ class PagedBatch:
             self.end = max(self.end, start + n)  # one past the furthest position
         self.positions = backend.namespace(cache.device).asarray(positions)
         self.plan = None  # what attend does in every layer (decided in the first one)
+        self.order = None  # (next_step: the order of the sequences in the row, when the engine must repack it)
 
     def next_step(self) -> "PagedBatch | None":
         """The step after this one when every sequence of this one decodes one token (none
         joined or left, no prompt goes on in chunks): the same slab, each member one
         position further. None when some sequence of this step is not in the slab.
+        Its row must hold the members' tokens in slot order: `order` lists their sequences
+        when that is not this step's order (None when it is), and the engine packs it so.
+        A decode step then reads its rows as slices, where a row in another order has every
+        layer gather its queries, keys and values and scatter its output.
         NOTE: a running batch spends most of its steps like this; planning them afresh took
         ~20 us of a ~1 ms step (timed inside the steps of 8 sequences, 4 layers, 2-core Xeon
         VM)."""
@@ -82,20 +87,21 @@ class PagedBatch:
             return None
         members = self.cache.slab.members
         after = PagedBatch.__new__(PagedBatch)
-        after.cache, after.end = self.cache, self.end + 1
-        if not plan.prompts:  # every one decoded a token this step: the same columns next step
+        after.cache, after.end, after.segments = self.cache, self.end + 1, None  # (only _plan reads segments)
+        d = plan.decode
+        if not plan.prompts and is_whole(d.columns, d.count):  # last step's members in slot order: the same row
             for member in members:
                 member.length += 1
-            d = plan.decode
-            after.positions, after.segments = self.positions + 1, None  # (only _plan reads segments)
+            after.positions, after.order = self.positions + 1, None
             lengths = None if d.lengths is None else tuple(n + 1 for n in d.lengths)
             after.plan = StepPlan(decode=DecodePlan(d.count, d.columns, d.slots, d.positions + 1, lengths, d.longest + 1),
                                   steady=True)
             return after
-        order = {segment.sequence: j for j, segment in enumerate(self.segments)}  # one token each, in this order
-        after.positions = backend.namespace(self.cache.device).asarray([s.start + s.n for s in self.segments])
-        after.segments = None
-        after.plan = StepPlan(decode=self._decode_plan(members, [order[m.sequence] for m in members]), steady=True)
+        order = [m.sequence for m in members]  # one token each, in slot order
+        now = [s.sequence for s in self.segments] if self.segments is not None else None
+        after.order = None if order == now else order
+        after.positions = backend.namespace(self.cache.device).asarray([m.length for m in members])
+        after.plan = StepPlan(decode=self._decode_plan(members, list(range(len(members)))), steady=True)
         return after
 
     def attend(self, layer: int, q, k, v, attention=causal_attention, rows=None):

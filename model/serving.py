@@ -147,6 +147,7 @@ class Engine:
         self.forward_passes = 0
         self._cancels = 0  # cancel() calls since the last step
         self._view: PagedBatch | None = None  # the last forward's layout of the batch (_forward)
+        self._row: list[Request] = []  # the last forward's requests, in the order of its row
         self._regrouped = True  # has a sequence joined, left or been preempted since then?
 
     # --- the public API -----------------------------------------------------------------
@@ -328,6 +329,14 @@ class Engine:
     def _forward(self, batch: list[tuple[Request, int]]) -> tuple[list[Request], Any]:
         """One forward pass over the batch's new tokens, packed in one row. Returns the R
         requests whose known tokens are now all computed, and their host logits (R, V)."""
+        view = None
+        if not self._regrouped and len(batch) == len(self._row) and all(n == 1 for _, n in batch):
+            view = self._view.next_step()  # last step's sequences, one token each (None unless all in the slab)
+        if view is not None:  # their tokens in the order the slab wants (the last row's, or its slots')
+            if view.order is not None:
+                slot = {sequence: i for i, sequence in enumerate(view.order)}
+                self._row.sort(key=lambda request: slot[request.sequence])
+            batch = [(request, 1) for request in self._row]
         ids, wanted, due, is_due = [], [], [], []
         for request, n in batch:
             start = request.num_cached
@@ -336,9 +345,6 @@ class Engine:
             if is_due[-1]:
                 wanted.append(len(ids) - 1)
                 due.append(request)
-        view = None
-        if not self._regrouped and len(ids) == len(batch):  # last step's sequences, one token each
-            view = self._view.next_step()  # (None unless they were all in the slab)
         if view is None:
             view = PagedBatch(self.cache, [(r.sequence, r.pages, r.num_cached, n, len(r.prompt) + r.max_new_tokens, d)
                                            for (r, n), d in zip(batch, is_due)])
@@ -347,7 +353,7 @@ class Engine:
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
         with no_grad():
             logits, _ = self.model(backend.asarray([ids], device), cache=view, logits_at=at)
-        self._view, self._regrouped = view, False
+        self._view, self._regrouped, self._row = view, False, [request for request, _ in batch]
         self.forward_passes += 1
         self.computed_tokens += len(ids)
         for request, n in batch:

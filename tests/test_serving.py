@@ -386,12 +386,14 @@ def test_right_padded_prefills_give_the_usual_paths_logits(monkeypatch):
 def test_the_slab_grows_and_gives_a_leavers_slot_to_its_last_member():
     # a sequence that leaves gives its slot to the slab's last member (it moves), and a
     # request that needs more slots or a longer context than the slab has grows it (the
-    # members' rows are carried over): every output is still generate()'s (poisoned pool)
+    # members' rows are carried over); the steps after pack their rows in the slab's new
+    # order: every output is still generate()'s (poisoned pool)
+    from model import packed_row
     model = tiny_gpt()
     engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
     seen = logits_by_request(engine)
     wanted = {engine.submit(p, n, temperature=0): (p, n) for p, n in zip(prompts([3, 7, 5], seed=6), (2, 9, 12))}
-    moved = grown = 0
+    moved = grown = repacked = 0
     for step in range(20):
         if step == 4:
             late = prompts([20], seed=7)[0]  # a longer context than any so far
@@ -399,8 +401,11 @@ def test_the_slab_grows_and_gives_a_leavers_slot_to_its_last_member():
         engine.step()
         moved += bool(engine._view.plan.moves)
         grown += engine._view.plan.regrow is not None
+        if engine._view.plan.steady:  # the engine packs a steady step's row in slot order: a slice, no gather
+            assert packed_row.is_whole(engine._view.plan.decode.columns, len(engine._view.positions))
+            repacked += engine._view.order is not None
     engine.run()
-    assert moved and grown >= 2  # (the first prefill makes the slab)
+    assert moved and grown >= 2 and repacked  # (the first prefill makes the slab)
     assert_logits_are_generates(model, seen, wanted)
     assert_pool_is_empty(engine)
 
