@@ -138,12 +138,7 @@ class PagedBatch:
             self.plan = self._plan()
         plan = self.plan
         if plan.steady and rows is None:  # the common step, in short: the slab's members, a token further each
-            out = self._decode(layer, q, k, v, attention)
-            if is_whole(plan.decode.columns, len(q)):
-                return out
-            y = backend.xp_of(q).empty_like(q)
-            y[plan.decode.columns] = out
-            return y
+            return self._decode(layer, q, k, v, attention)  # (next_step's row is in slot order: no scatter)
         cache, slab = self.cache, self.cache.slab
         wanted = None if rows is None else {c: i for i, c in enumerate(backend.to_numpy(rows).tolist())}
         if plan.flush is not None:  # rows only the slab holds go to the pages before anyone reads them
@@ -161,9 +156,9 @@ class PagedBatch:
                                                   attention, wanted))
         kept, chunks = cache.chunks[layer], {}
         for (members, tables, group), context, pool_rows, limit in plan.chunks:  # prompts that go on next step
-            k_new, v_new, n = k[group.columns], v[group.columns], group.n
+            k_new, v_new = k[group.columns], v[group.columns]
             cache.write_rows(layer, pool_rows, k_new, v_new)
-            copy = self.grown(kept.get(members), tables, n, context, limit, k_new, v_new) or self.gathered_afresh(
+            copy = self.grown(kept.get(members), group, context, limit, k_new, v_new) or self.gathered_afresh(
                 layer, tables, context, limit)
             chunks[members] = copy
             outputs.append(self._prompt_attention(q, group, copy.keys[:, :, :context], copy.values[:, :, :context],
@@ -321,18 +316,18 @@ class PagedBatch:
         if plan.join is not None:
             cache.read_pages(layer, plan.join)
 
-    def grown(self, kept: "Gathered | None", tables, n: int, context: int, limit: int, k_new,
+    def grown(self, kept: "Gathered | None", group: Group, context: int, limit: int, k_new,
               v_new) -> "Gathered | None":
         """The prompt group's copy with its n new rows each (g n, nh, hs) added: last step's,
         if it goes on to `context` positions (a chunk after the one before), or a new one if
         these rows are its whole context (a fresh prompt: nothing to gather); else None."""
+        n = group.n  # (a chunk group's members are alike)
         if n == context:
-            kept = self.empty_copy(len(tables), context, limit)
+            kept = self.empty_copy(len(group.lengths), context, limit)
         elif not _can_grow(kept, context, n):
             return None
-        g, nh, hs = len(tables), self.cache.n_head, self.cache.head_size
-        for buffer, new in ((kept.keys, k_new), (kept.values, v_new)):  # (g n, nh, hs) -> (g, nh, n, hs)
-            buffer[:, :, context - n:context] = new.reshape(g, n, nh, hs).transpose(0, 2, 1, 3)
+        kept.keys[:, :, context - n:context] = group.padded(k_new)  # (g, nh, n, hs)
+        kept.values[:, :, context - n:context] = group.padded(v_new)
         kept.context = context
         return kept
 

@@ -337,6 +337,8 @@ class Engine:
                 slot = {sequence: i for i, sequence in enumerate(view.order)}
                 self._row.sort(key=lambda request: slot[request.sequence])
             batch = [(request, 1) for request in self._row]
+        else:
+            self._row = [request for request, _ in batch]
         ids, wanted, due, is_due = [], [], [], []
         for request, n in batch:
             start = request.num_cached
@@ -353,7 +355,7 @@ class Engine:
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
         with no_grad():
             logits, _ = self.model(backend.asarray([ids], device), cache=view, logits_at=at)
-        self._view, self._regrouped, self._row = view, False, [request for request, _ in batch]
+        self._view, self._regrouped = view, False
         self.forward_passes += 1
         self.computed_tokens += len(ids)
         for request, n in batch:
