@@ -126,7 +126,8 @@ class PagedBatch:
         Xeon VM). They reach the pages, many rows in one copy, before anyone could read
         them there: when the sequence leaves the slab, when a step reads pages (a prefix
         hit may share a page the slab has not written yet), and when the engine goes idle
-        (PagedKVCache.settle).
+        (PagedKVCache.settle); rows nobody could read there (a finished sequence's last,
+        partial page; every row, without prefix caching) never do.
         NOTE: before the slab, decoding sequences shared a copy (and an attention call)
         only when their contexts were equally long: 32 requests of 32-96 prompt tokens took
         ~26 calls a layer. One masked call instead (`python bench/engine_ab.py --against
@@ -148,7 +149,8 @@ class PagedBatch:
         keys, values = slab.k[layer], slab.v[layer]
         for slots, start, group, pool_rows in plan.prompts:  # prompts in their last chunk, by start (buckets)
             k_new, v_new = k[group.columns], v[group.columns]  # (R, nh, hs)
-            cache.write_rows(layer, pool_rows, k_new, v_new)
+            if pool_rows is not None:  # (prefix caching: to the pages at once)
+                cache.write_rows(layer, pool_rows, k_new, v_new)
             end = start + group.n
             keys[slots, :, start:end] = group.padded(k_new)
             values[slots, :, start:end] = group.padded(v_new)
@@ -221,7 +223,8 @@ class PagedBatch:
         decided once (in the first layer):
         1. rows only the slab holds go to their pages: a leaving member's (it gives its slot
            up), and every member's when someone reads pages this step (a request whose
-           prompt starts with a page a member filled while decoding shares that page);
+           prompt starts with a page a member filled while decoding shares that page); only
+           those someone could read there (PagedKVCache.worth_writing);
         2. the last members move into the slots of those that left: members fill slots
            0 .. M-1;
         3. the sequences whose next token is computed and that have no slot yet take the
@@ -240,7 +243,7 @@ class PagedBatch:
             if m.written < m.length and (reading or m.sequence not in due):
                 spans.append((i, m.table, m.written, m.length))
                 m.written = m.length
-        flush = cache.transfer(spans)
+        flush = cache.transfer(cache.worth_writing(spans))
         survivors = sum(m.sequence in due for m in old)
         holes = [i for i in range(survivors) if old[i].sequence not in due]
         movers = [i for i in range(survivors, len(old)) if old[i].sequence in due]
@@ -267,9 +270,11 @@ class PagedBatch:
             for bucket in buckets(alike, start):
                 first = len(members)
                 gathers += [(first + j, s.table, 0, start) for j, s in enumerate(bucket)]
-                members += [Slot(s.sequence, s.table, start + s.n, start + s.n, s.limit) for s in bucket]
-                prompt_plans.append((slice(first, first + len(bucket)), start, group_of(bucket, cache.device),
-                                     cache.slots([s.table for s in bucket], start, [start + s.n for s in bucket])))
+                at_once = cache.prefix_caching  # its rows to its pages now, too (PagedKVCache.prefix_caching)
+                members += [Slot(s.sequence, s.table, start + s.n, start + s.n if at_once else start, s.limit)
+                            for s in bucket]
+                rows = cache.slots([s.table for s in bucket], start, [start + s.n for s in bucket]) if at_once else None
+                prompt_plans.append((slice(first, first + len(bucket)), start, group_of(bucket, cache.device), rows))
         room = -(-max((m.limit for m in members), default=0) // page) * page
         regrow = None
         if len(members) > slab.capacity or room > slab.room:  # (it never shrinks: at most max_batch_size slots)

@@ -101,7 +101,7 @@ class PagedKVCache:
     paged = True  # the model's attention reads `cache.paged` to pick this path
 
     def __init__(self, n_layer: int, num_blocks: int, page_size: int, n_head: int, head_size: int,
-                 dtype="float32", device: str | None = None) -> None:
+                 dtype="float32", device: str | None = None, prefix_caching: bool = True) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.device = device or backend.default_device()
@@ -117,6 +117,9 @@ class PagedKVCache:
         self.v = [xp.full(shape, 0, dtype=dtype) for _ in range(n_layer)]
         self.page_size, self.n_head, self.head_size = page_size, n_head, head_size
         self.pool = PagePool(num_blocks)
+        # with prefix caching a prompt's rows go to its pages at once (the next request may
+        # share them); without, they stay in the slab until someone could read them there
+        self.prefix_caching = prefix_caching
         self.slab = Slab(n_layer)
         self.chunks: list[dict] = [{} for _ in range(n_layer)]  # per layer: prompts to be continued, by members
 
@@ -163,13 +166,32 @@ class PagedKVCache:
         for pool, slab in ((self.k[layer], self.slab.k[layer]), (self.v[layer], self.slab.v[layer])):
             slab[rows.slots, :, rows.positions] = pool.reshape(shape)[rows.pool_rows]
 
+    def worth_writing(self, spans) -> list:
+        """The parts of spans (slot, block table, start, end) of slab rows whose pages someone
+        could still read: a page a sequence holds, or a freed one the prefix cache can revive.
+        A freed page that holds no prefix (a finished sequence's last, partial page; any page
+        when prefix caching is off) is read by nobody again: its rows are not worth a copy."""
+        pool, page, kept = self.pool, self.page_size, []
+        for slot, table, start, end in spans:
+            low = None  # the start of the run of worthwhile pages being collected
+            for first in range(start - start % page, end, page):  # each page the span touches
+                number = table[first // page]
+                if pool.ref_counts[number] or number in pool.key_of:
+                    low = max(start, first) if low is None else low
+                elif low is not None:
+                    kept.append((slot, table, low, first))
+                    low = None
+            if low is not None:
+                kept.append((slot, table, low, end))
+        return kept
+
     def settle(self) -> None:
         """Nothing runs (the engine calls this when it goes idle): write the slab's rows that
-        anyone could still read to the pages, and empty the slab. Nobody holds a page then,
-        so only full pages, which the prefix cache may revive, are worth writing; a last
-        partial page is forgotten. (The slab's arrays stay, for the next requests.)"""
-        page, members = self.page_size, self.slab.members
-        rows = self.transfer([(i, m.table, m.written, m.length // page * page) for i, m in enumerate(members)])
+        anyone could still read to the pages (worth_writing: nobody holds a page then, so
+        only full pages the prefix cache may revive), and empty the slab. (Its arrays stay,
+        for the next requests.)"""
+        members = self.slab.members
+        rows = self.transfer(self.worth_writing([(i, m.table, m.written, m.length) for i, m in enumerate(members)]))
         if rows is not None:
             for layer in range(len(self.k)):
                 self.write_pages(layer, rows)

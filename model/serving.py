@@ -131,7 +131,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer or getattr(model, "tokenizer", None)
         self.max_batch_size, self.page_size, self.max_step_tokens = max_batch_size, page_size, max_step_tokens
         self.cache = PagedKVCache(c.n_layer, num_blocks, page_size, c.n_head, c.n_embd // c.n_head,
-                                  dtype=model.wte.weight.dtype, device=model.wte.weight.device)
+                                  dtype=model.wte.weight.dtype, device=model.wte.weight.device,
+                                  prefix_caching=prefix_caching)
         self.pool = self.cache.pool
         self.end_id = getattr(self.tokenizer, "end_of_turn", None)  # a chat model's <|end|>
         self.waiting: deque[Request] = deque()
@@ -360,8 +361,8 @@ class Engine:
         self.computed_tokens += len(ids)
         for request, n in batch:
             request.num_cached += n
-            if request.num_cached // self.page_size > len(request.page_keys):
-                self._register_full_pages(request)
+            if self.prefix_caching and request.num_cached // self.page_size > len(request.page_keys):
+                self._register_full_pages(request)  # (without a prefix cache, nobody would look them up)
         return due, backend.to_numpy(logits.data[0])[:len(wanted)]  # (R, V)
 
     def _register_full_pages(self, request: Request) -> None:

@@ -212,6 +212,9 @@ def test_a_prefix_hit_on_a_page_a_running_group_filled_while_decoding_reads_its_
     assert results[late] == alone(model, grown, 5)
     for rid, p in zip(rids, first):
         assert results[rid] == alone(model, p, 20)
+        # the rows of the page it was filling then (held: it goes on) reached the page too,
+        # so that page, full later, holds all of them
+        assert_full_pages_hold(engine, model, p + results[rid][:-1])
     assert_pool_is_empty(engine)
 
 
@@ -227,6 +230,35 @@ def test_the_pages_hold_a_cancelled_requests_decoded_rows_once_nothing_runs():
     assert not engine.has_work() and engine.request(rid).finish_reason == "cancelled"
     output = engine.request(rid).output
     assert_full_pages_hold(engine, model, prompt + output[:-1])
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_only_rows_someone_could_read_are_copied_to_the_pages(prefix_caching):
+    # a finished request's last, partial page is read by nobody again, nor is any of its
+    # pages when there is no prefix cache: their rows are never copied (the pages stay
+    # poisoned), while the full pages a prefix hit can revive hold their rows
+    model = tiny_gpt()
+    engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64, prefix_caching=prefix_caching))
+    first = prompts([5, 7, 6])
+    rids = [engine.submit(p, n, temperature=0) for p, n in zip(first, (21, 13, 14))]  # they leave one by one
+    tables = {}
+    while engine.has_work():
+        tables.update({r.id: list(r.pages) for r in engine.running})  # (each one's pages, before they go back)
+        engine.step()
+    for rid, p in zip(rids, first):
+        computed = len(p) + len(engine.request(rid).output) - 1  # (the last token's keys were never computed)
+        full = computed // 4 if prefix_caching else 0
+        if prefix_caching:
+            assert_full_pages_hold(engine, model, (p + engine.request(rid).output)[:computed])
+        for page in tables[rid][full:]:  # the rest: untouched
+            assert all(np.isnan(backend_numpy(pool[layer][page])).all() for pool in (engine.cache.k, engine.cache.v)
+                       for layer in range(model.config.n_layer)), (rid, page)
+    assert_pool_is_empty(engine)
+
+
+def backend_numpy(array):
+    from tinygrad_lite import backend
+    return backend.to_numpy(array)
 
 
 def test_sequences_that_decoded_together_go_on_right_as_they_leave_one_by_one():
@@ -531,7 +563,8 @@ def test_preemption_under_a_small_pool_still_gives_the_right_outputs():
 @given(st.integers(0, 2**32 - 1))
 def test_random_workloads_give_every_request_what_generate_gives_it_alone(seed):
     # requests arriving at random steps, some sharing a prefix, pools small enough to
-    # preempt, pages of 2-8 tokens, step budgets that chunk prefills, cancellations: every
+    # preempt, pages of 2-8 tokens, step budgets that chunk prefills, cancellations, the
+    # prefix cache on or off (off, a prompt's rows stay in the slab until read): every
     # greedy output (a cancelled one, its part), and the logits each token was chosen
     # from, are generate()'s on that prompt alone, on a pool poisoned with NaN (a row that
     # never reached its page would show), and every page goes back
@@ -540,7 +573,8 @@ def test_random_workloads_give_every_request_what_generate_gives_it_alone(seed):
     model = tiny_gpt(rnd.choice(["learned", "rope"]), seed=seed % 3)
     page, pages = rnd.choice([2, 3, 4, 8]), rnd.choice([12, 16, 24, 64])
     engine = poisoned(Engine(model, max_batch_size=rnd.choice([1, 2, 3, 4, 6]), page_size=page,
-                             num_blocks=pages, max_step_tokens=rnd.choice([8, 16, 64, 2048])))
+                             num_blocks=pages, max_step_tokens=rnd.choice([8, 16, 64, 2048]),
+                             prefix_caching=rnd.random() < 0.7))
     shared = [rnd.randrange(len(TEXT)) for _ in range(rnd.randrange(1, 12))]
     arrivals = []
     for _ in range(rnd.randrange(2, 9)):
