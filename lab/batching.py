@@ -10,7 +10,9 @@ The model is bench/decode_speed.py's: random weights (speed does not depend on t
    batch and the engine with max_batch_size 8, 61 alternating repeats (the ratio of their
    tokens/s from the medians, and the median of the repeats' own ratios). One engine
    serves all repeats, as a server's does; every repeat brings new prompts, so the
-   prefix cache skips nothing.
+   prefix cache skips nothing. Twice: the engine as a server runs it (its prefix cache
+   keeps every full page for later requests) and without a prefix cache (it keeps
+   nothing, as generate() does).
 2. The batch-size trade-off: N requests all waiting at time 0, max_batch_size 1 .. 32.
    Throughput (generated tokens / wall time) rises with the batch; so does each
    request's time per output token (TPOT), and the time to first token (TTFT) of the
@@ -74,12 +76,16 @@ def random_prompts(rng, n: int, lengths: tuple[int, int]) -> list[list[int]]:
 def same_work(model: GPT, s: dict, rng) -> dict:
     n_new, tokens = s["same_work_new"], 8 * s["same_work_new"]
     # one engine serves every repeat, as a server's does; each repeat brings new prompts
-    # (the prefix cache must not skip their prefill), and generate() sizes its own cache
-    engine = make_engine(model, 8, share=1.0)  # the memory of generate()'s cache: no preemption
+    # (the prefix cache must not skip their prefill), and generate() sizes its own cache.
+    # Two engines: the server's default keeps every full page for later requests (prefix
+    # caching), and one without a prefix cache keeps nothing, as generate() does
+    engines = {"engine": make_engine(model, 8, share=1.0),  # the memory of generate()'s cache: no preemption
+               "engine_no_prefix_cache": make_engine(model, 8, prefix_caching=False, share=1.0)}
 
     def run(who: str, prompts: list[list[int]]) -> list[list[int]]:
         if who == "generate":
             return generate(model, prompts, n_new, temperature=0)
+        engine = engines[who]
         rids = [engine.submit(p, n_new, temperature=0) for p in prompts]
         results = engine.run()
         engine.requests.clear()  # (a server forgets finished requests too: serve.py)
@@ -88,28 +94,32 @@ def same_work(model: GPT, s: dict, rng) -> dict:
     def new_prompts() -> list[list[int]]:
         return rng.integers(0, MODEL["vocab_size"], (8, s["same_work_prompt"])).tolist()
 
-    for who in ("generate", "engine"):  # warm-up, untimed
+    names = ("generate", "engine", "engine_no_prefix_cache")
+    for who in names:  # warm-up, untimed
         run(who, new_prompts())
-    times = {"generate": [], "engine": []}
+    times = {who: [] for who in names}
     same = True
     for r in range(s["same_work_repeats"]):
         prompts, outputs = new_prompts(), {}
-        for who in (("generate", "engine") if r % 2 == 0 else ("engine", "generate")):
+        for who in names[r % 3:] + names[:r % 3]:  # each goes first, second and third in turn
             start = time.perf_counter()
             outputs[who] = run(who, prompts)
             times[who].append(time.perf_counter() - start)
-        same = same and outputs["generate"] == outputs["engine"]
+        same = same and outputs["generate"] == outputs["engine"] == outputs["engine_no_prefix_cache"]
     med = {who: statistics.median(t) for who, t in times.items()}
     out = {"prompt_tokens": s["same_work_prompt"], "new_tokens": n_new, "batch": 8, "repeats": s["same_work_repeats"],
-           "generate_tokens_per_s": tokens / med["generate"], "engine_tokens_per_s": tokens / med["engine"],
-           "generate_s": times["generate"], "engine_s": times["engine"],
-           "engine_vs_generate": med["generate"] / med["engine"],
-           # (each repeat's own ratio: the VM's speed drifts between repeats, less within one pair)
-           "engine_vs_generate_pairs": statistics.median(g / e for g, e in zip(times["generate"], times["engine"])),
-           "same_tokens": same, "prefix_hits": engine.prefix_hits}
+           "same_tokens": same, "prefix_hits": engines["engine"].prefix_hits}
+    for who in names:
+        out[f"{who}_tokens_per_s"], out[f"{who}_s"] = tokens / med[who], times[who]
+    for who in names[1:]:
+        out[f"{who}_vs_generate"] = med["generate"] / med[who]
+        # (each repeat's own ratio: the VM's speed drifts between repeats, less within one)
+        out[f"{who}_vs_generate_pairs"] = statistics.median(g / e for g, e in zip(times["generate"], times[who]))
     log(f"same work (8 x {s['same_work_prompt']} prompt, {n_new} new): generate {out['generate_tokens_per_s']:.0f} "
-        f"tok/s, engine {out['engine_tokens_per_s']:.0f} tok/s, ratio {out['engine_vs_generate']:.3f} "
-        f"(median of the repeats' ratios {out['engine_vs_generate_pairs']:.3f}), same tokens: {out['same_tokens']}")
+        f"tok/s, engine {out['engine_tokens_per_s']:.0f} (ratio {out['engine_vs_generate']:.3f}, pairs "
+        f"{out['engine_vs_generate_pairs']:.3f}), without a prefix cache {out['engine_no_prefix_cache_tokens_per_s']:.0f} "
+        f"(ratio {out['engine_no_prefix_cache_vs_generate']:.3f}, pairs "
+        f"{out['engine_no_prefix_cache_vs_generate_pairs']:.3f}), same tokens: {out['same_tokens']}")
     return out
 
 
@@ -253,8 +263,9 @@ def main(argv=None) -> int:
         "best_tokens_per_s": best["tokens_per_s"], "throughput_gain": best["tokens_per_s"] / sweep[0]["tokens_per_s"],
         "tpot_ms_p50_at_batch_1": sweep[0]["tpot_ms_p50"], "tpot_ms_p50_at_best": best["tpot_ms_p50"],
         "prefill_saved_share": results["prefix_sharing"]["prefill_saved_share"],
-        "engine_vs_generate": results["same_work"]["engine_vs_generate"],
-        "engine_vs_generate_pairs": results["same_work"]["engine_vs_generate_pairs"]}
+        **{key: results["same_work"][key] for key in ("engine_vs_generate", "engine_vs_generate_pairs",
+                                                       "engine_no_prefix_cache_vs_generate",
+                                                       "engine_no_prefix_cache_vs_generate_pairs")}}
     results["wall_s"] = time.perf_counter() - start
     write_results(Path(args.out), "batching", results, plot(results))
     return 0
