@@ -16,11 +16,13 @@ The model is bench/decode_speed.py's: random weights (speed does not depend on t
 2. The batch-size trade-off: N requests all waiting at time 0, max_batch_size 1 .. 32.
    Throughput (generated tokens / wall time) rises with the batch; so does each
    request's time per output token (TPOT), and the time to first token (TTFT) of the
-   requests that queue behind a small batch.
+   requests that queue behind a small batch. Five runs of each, round robin: the run
+   with the median throughput is reported (one run alone drifts with the VM's speed).
 3. Arrivals: requests arrive as a Poisson process at several rates (requests/s); the
    engine admits them as they come (continuous batching). Latency p50/p99 by rate.
 4. Prefix sharing: N requests sharing one 200-token system prompt, each with its own
-   question, with and without the prefix cache: prompt tokens computed, wall time, TTFT.
+   question, with and without the prefix cache: prompt tokens computed, wall time, TTFT
+   (five alternating runs each: the median run; the speed-up is the median pair's).
 Writes lab/results/batching.json and .png.
 """
 from __future__ import annotations
@@ -46,10 +48,10 @@ from model.serving import Engine  # noqa: E402
 
 MODEL = dict(vocab_size=65, block_size=1024, n_layer=4, n_head=4, n_embd=128)
 FULL = dict(same_work_prompt=64, same_work_new=64, same_work_repeats=61, n=32, prompt=(32, 96), new=48,
-            batch_sizes=[1, 2, 4, 8, 16, 32], rates=[5.0, 20.0, 50.0, 100.0, 200.0], arrivals_n=64, arrivals_batch=16,
-            shared_n=16, system=200, question=(10, 30), shared_new=24)
+            batch_sizes=[1, 2, 4, 8, 16, 32], sweep_repeats=5, rates=[5.0, 20.0, 50.0, 100.0, 200.0], arrivals_n=64,
+            arrivals_batch=16, shared_n=16, system=200, question=(10, 30), shared_new=24)
 QUICK = dict(same_work_prompt=16, same_work_new=8, same_work_repeats=2, n=6, prompt=(8, 16), new=6,
-             batch_sizes=[1, 2, 6], rates=[20.0, 80.0], arrivals_n=6, arrivals_batch=4,
+             batch_sizes=[1, 2, 6], sweep_repeats=1, rates=[20.0, 80.0], arrivals_n=6, arrivals_batch=4,
              shared_n=4, system=40, question=(4, 8), shared_new=4)
 PAGE_SIZE = 16
 
@@ -117,7 +119,8 @@ def same_work(model: GPT, s: dict, rng) -> dict:
         out[f"{who}_vs_generate_pairs"] = statistics.median(g / e for g, e in zip(times["generate"], times[who]))
     log(f"same work (8 x {s['same_work_prompt']} prompt, {n_new} new): generate {out['generate_tokens_per_s']:.0f} "
         f"tok/s, engine {out['engine_tokens_per_s']:.0f} (ratio {out['engine_vs_generate']:.3f}, pairs "
-        f"{out['engine_vs_generate_pairs']:.3f}), without a prefix cache {out['engine_no_prefix_cache_tokens_per_s']:.0f} "
+        f"{out['engine_vs_generate_pairs']:.3f}), without a prefix cache "
+        f"{out['engine_no_prefix_cache_tokens_per_s']:.0f} "
         f"(ratio {out['engine_no_prefix_cache_vs_generate']:.3f}, pairs "
         f"{out['engine_no_prefix_cache_vs_generate_pairs']:.3f}), same tokens: {out['same_tokens']}")
     return out
@@ -126,18 +129,31 @@ def same_work(model: GPT, s: dict, rng) -> dict:
 # --- 2. the batch-size trade-off ----------------------------------------------------------------
 
 
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run whose `key` is the median of the runs' (a whole run: its figures belong together)."""
+    return sorted(runs, key=lambda run: run[key])[len(runs) // 2]
+
+
 def batch_sweep(model: GPT, s: dict, rng) -> list[dict]:
     prompts = random_prompts(rng, s["n"], s["prompt"])
+    runs = {batch: [] for batch in s["batch_sizes"]}
+    for r in range(s["sweep_repeats"]):  # round robin, each repeat in another order: the VM's drift spreads
+        order = s["batch_sizes"][r % len(s["batch_sizes"]):] + s["batch_sizes"][:r % len(s["batch_sizes"])]
+        for batch in order:
+            engine = make_engine(model, batch)
+            start = time.perf_counter()
+            rids = [engine.submit(p, s["new"], temperature=0) for p in prompts]
+            engine.run()
+            runs[batch].append(latency_summary(engine, rids, start, time.perf_counter()))
     rows = []
     for batch in s["batch_sizes"]:
-        engine = make_engine(model, batch)
-        start = time.perf_counter()
-        rids = [engine.submit(p, s["new"], temperature=0) for p in prompts]
-        engine.run()
-        row = {"max_batch_size": batch, **latency_summary(engine, rids, start, time.perf_counter())}
+        row = {"max_batch_size": batch, **median_run(runs[batch], "tokens_per_s"),
+               "tokens_per_s_runs": [run["tokens_per_s"] for run in runs[batch]]}
         rows.append(row)
         log(f"batch {batch:>2}: {row['tokens_per_s']:7.0f} tok/s, TTFT p50 {row['ttft_ms_p50']:7.0f} ms "
-            f"p99 {row['ttft_ms_p99']:7.0f}, TPOT p50 {row['tpot_ms_p50']:6.1f} ms p99 {row['tpot_ms_p99']:6.1f}")
+            f"p99 {row['ttft_ms_p99']:7.0f}, TPOT p50 {row['tpot_ms_p50']:6.1f} ms p99 {row['tpot_ms_p99']:6.1f} "
+            f"(the median of {len(runs[batch])} runs: {min(row['tokens_per_s_runs']):.0f}-"
+            f"{max(row['tokens_per_s_runs']):.0f} tok/s)")
     return rows
 
 
@@ -181,21 +197,26 @@ def prefix_sharing(model: GPT, s: dict, rng) -> dict:
     prompts = [system + q for q in random_prompts(rng, s["shared_n"], s["question"])]
     out = {"requests": s["shared_n"], "system_tokens": s["system"],
            "prompt_tokens": sum(len(p) for p in prompts)}
-    results = {}
+    results, runs = {}, {False: [], True: []}
+    for r in range(s["sweep_repeats"]):  # alternating, each going first in turn
+        for caching in ((False, True) if r % 2 == 0 else (True, False)):
+            engine = make_engine(model, 8, prefix_caching=caching)
+            start = time.perf_counter()
+            rids = [engine.submit(p, s["shared_new"], temperature=0) for p in prompts]
+            results[caching] = engine.run()
+            row = latency_summary(engine, rids, start, time.perf_counter())
+            row.update(computed_tokens=engine.computed_tokens, prefix_hit_tokens=engine.prefix_hit_tokens,
+                       prefill_tokens=engine.computed_tokens - sum(len(engine.request(r).output) - 1 for r in rids))
+            runs[caching].append(row)
     for caching in (False, True):
-        engine = make_engine(model, 8, prefix_caching=caching)
-        start = time.perf_counter()
-        rids = [engine.submit(p, s["shared_new"], temperature=0) for p in prompts]
-        results[caching] = engine.run()
-        row = latency_summary(engine, rids, start, time.perf_counter())
-        row.update(computed_tokens=engine.computed_tokens, prefix_hit_tokens=engine.prefix_hit_tokens,
-                   prefill_tokens=engine.computed_tokens - sum(len(engine.request(r).output) - 1 for r in rids))
+        row = median_run(runs[caching], "wall_s")
         out["with_prefix_cache" if caching else "without_prefix_cache"] = row
         log(f"prefix cache {'on ' if caching else 'off'}: {row['prefill_tokens']} prompt tokens computed "
-            f"(of {out['prompt_tokens']}), {row['wall_s']:.2f} s, TTFT p50 {row['ttft_ms_p50']:.0f} ms")
+            f"(of {out['prompt_tokens']}), {row['wall_s']:.2f} s, TTFT p50 {row['ttft_ms_p50']:.0f} ms "
+            f"(the median of {len(runs[caching])} runs)")
     on, off = out["with_prefix_cache"], out["without_prefix_cache"]
     out["prefill_saved_share"] = 1 - on["prefill_tokens"] / off["prefill_tokens"]
-    out["speedup"] = off["wall_s"] / on["wall_s"]
+    out["speedup"] = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(runs[False], runs[True]))
     out["same_tokens"] = list(results[True].values()) == list(results[False].values())
     return out
 
