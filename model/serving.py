@@ -114,7 +114,7 @@ class Engine:
       - cancel(id); request(id) (timings, finish reason); free_blocks, num_blocks,
         prefix_hits (pages reused), prefix_hit_tokens (prompt tokens not recomputed).
     max_step_tokens is the token budget of one step; prefix_caching=False turns sharing off
-    (lab/batching.py measures what it saves).
+    (lab/batching.py measures what it saves), and then nothing is kept for later requests.
     """
 
     def __init__(self, model: Any, max_batch_size: int = 8, page_size: int = 16, num_blocks: int = 256,
