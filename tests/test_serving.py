@@ -338,20 +338,29 @@ def test_one_forward_pass_per_step_with_sequences_of_different_lengths(monkeypat
     assert {len(r.tokens) for r in engine.running} == {9, 13, 18}
 
 
+def attention_calls(monkeypatch, shape) -> list:
+    """Every later call of the lean step's attention (fast_decode._attention), as
+    shape(queries, keys, lengths): a list that grows as the engine steps."""
+    from model import fast_decode
+    calls, real = [], fast_decode._attention
+
+    def spy(q, k, v, lengths=None):
+        calls.append(shape(q, k, lengths))
+        return real(q, k, v, lengths)
+    monkeypatch.setattr(fast_decode, "_attention", spy)
+    return calls
+
+
 def test_sequences_of_different_lengths_decode_in_one_attention_call_a_layer(monkeypatch):
     # the slab holds every decoding sequence, each in its own slot: one masked call a layer
     # serves them all, whatever their lengths (the lean step's fast kernel)
-    from model import fast_decode
     model = tiny_gpt()
     engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
     seen = logits_by_request(engine)
     given = prompts([3, 7, 12], seed=1)
     wanted = {engine.submit(p, 8, temperature=0): (p, 8) for p in given}
     engine.step()  # the prefills
-    calls = []
-    real = fast_decode._attention
-    monkeypatch.setattr(fast_decode, "_attention", lambda q, k, v, lengths=None: calls.append(
-        (len(q), lengths)) or real(q, k, v, lengths))
+    calls = attention_calls(monkeypatch, lambda q, k, lengths: (len(q), lengths))
     engine.step()
     assert calls == [(3, (4, 8, 13))] * model.config.n_layer
     engine.run()
@@ -381,17 +390,14 @@ def test_prompts_of_different_lengths_prefill_right_padded_in_few_attention_call
     # attends from each prompt's last token, masked at its own length); PAD_PAIRS bounds
     # the padding a group may add (100 pairs: 4, 5 and 6 join 3, but 40 does not; 0: alike
     # lengths only)
-    from model import fast_decode, packed_row
+    from model import packed_row
     if pad_pairs is not None:
         monkeypatch.setattr(packed_row, "PAD_PAIRS", pad_pairs)
     model = tiny_gpt()
     engine = poisoned(Engine(model, max_batch_size=6, page_size=4, num_blocks=64))
     seen = logits_by_request(engine)
     wanted = {engine.submit(p, 6, temperature=0): (p, 6) for p in prompts([6, 3, 40, 5, 4], seed=9)}
-    calls = []
-    real = fast_decode._attention
-    monkeypatch.setattr(fast_decode, "_attention", lambda q, k, v, lengths=None: calls.append(
-        (q.shape[0], q.shape[2], lengths)) or real(q, k, v, lengths))
+    calls = attention_calls(monkeypatch, lambda q, k, lengths: (q.shape[0], q.shape[2], lengths))
     engine.step()  # the five prefills: (members, queries, lengths) of each call, layer by layer
     # (groups by length, shortest first; in a group, the row's order)
     below = {1: [(5, 40, None)], 2: [(4, 6, None), (1, 40, None)], 5: [(1, n, None) for n in (3, 4, 5, 6, 40)]}
@@ -499,7 +505,6 @@ def test_questions_of_different_lengths_behind_a_cached_prefix_prefill_in_one_pa
     # requests behind one cached system prompt start at the same position: their
     # questions prefill as one group, right-padded after the shared pages, while the first
     # request decodes beside them (poisoned pool: every row read was written)
-    from model import fast_decode
     model = tiny_gpt()
     engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=64))
     seen = logits_by_request(engine)
@@ -508,10 +513,7 @@ def test_questions_of_different_lengths_behind_a_cached_prefix_prefill_in_one_pa
     engine.step()
     later = [system + q for q in prompts([1, 4, 2], seed=3)]
     wanted.update({engine.submit(p, 6, temperature=0): (p, 6) for p in later})
-    calls = []
-    real = fast_decode._attention
-    monkeypatch.setattr(fast_decode, "_attention", lambda q, k, v, lengths=None: calls.append(
-        (q.shape[0], q.shape[2], k.shape[2], lengths)) or real(q, k, v, lengths))
+    calls = attention_calls(monkeypatch, lambda q, k, lengths: (q.shape[0], q.shape[2], k.shape[2], lengths))
     engine.step()  # the first decodes; the three prefill 2, 5 and 3 tokens after the 12 cached
     assert engine.prefix_hits == 3 * 3
     prefill = [c for c in calls if c[0] == 3]  # (the other call a layer is the first one's decode)
