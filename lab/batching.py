@@ -68,6 +68,14 @@ def latency_summary(engine: Engine, rids: list[int], start: float, end: float) -
             "preemptions": engine.preemptions}
 
 
+def in_turn(items, repeat: int) -> list:
+    """The items rotated by `repeat`: over the repeats each runs first, second, ... in turn
+    (the VM's speed drifts, so no one keeps the same place)."""
+    items = list(items)
+    shift = repeat % len(items)
+    return items[shift:] + items[:shift]
+
+
 def random_prompts(rng, n: int, lengths: tuple[int, int]) -> list[list[int]]:
     return [rng.integers(0, MODEL["vocab_size"], int(rng.integers(*lengths))).tolist() for _ in range(n)]
 
@@ -103,7 +111,7 @@ def same_work(model: GPT, s: dict, rng) -> dict:
     same = True
     for r in range(s["same_work_repeats"]):
         prompts, outputs = new_prompts(), {}
-        for who in names[r % 3:] + names[:r % 3]:  # each goes first, second and third in turn
+        for who in in_turn(names, r):  # each goes first, second and third in turn
             start = time.perf_counter()
             outputs[who] = run(who, prompts)
             times[who].append(time.perf_counter() - start)
@@ -138,8 +146,7 @@ def batch_sweep(model: GPT, s: dict, rng) -> list[dict]:
     prompts = random_prompts(rng, s["n"], s["prompt"])
     runs = {batch: [] for batch in s["batch_sizes"]}
     for r in range(s["sweep_repeats"]):  # round robin, each repeat in another order: the VM's drift spreads
-        order = s["batch_sizes"][r % len(s["batch_sizes"]):] + s["batch_sizes"][:r % len(s["batch_sizes"])]
-        for batch in order:
+        for batch in in_turn(s["batch_sizes"], r):
             engine = make_engine(model, batch)
             start = time.perf_counter()
             rids = [engine.submit(p, s["new"], temperature=0) for p in prompts]
@@ -198,8 +205,8 @@ def prefix_sharing(model: GPT, s: dict, rng) -> dict:
     out = {"requests": s["shared_n"], "system_tokens": s["system"],
            "prompt_tokens": sum(len(p) for p in prompts)}
     results, runs = {}, {False: [], True: []}
-    for r in range(s["sweep_repeats"]):  # alternating, each going first in turn
-        for caching in ((False, True) if r % 2 == 0 else (True, False)):
+    for repeat in range(s["sweep_repeats"]):  # alternating, each going first in turn
+        for caching in in_turn((False, True), repeat):
             engine = make_engine(model, 8, prefix_caching=caching)
             start = time.perf_counter()
             rids = [engine.submit(p, s["shared_new"], temperature=0) for p in prompts]

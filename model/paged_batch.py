@@ -266,11 +266,11 @@ class PagedBatch:
         columns = {s.sequence: s.column for s in decoding}
         decode = self._decode_plan(members, [columns[m.sequence] for m in members]) if decoding else None
         prompt_plans = []
+        at_once = cache.prefix_caching  # a prompt's rows to its pages now, too (PagedKVCache.prefix_caching)
         for start, alike in prompts.items():
             for bucket in buckets(alike, start):
                 first = len(members)
                 gathers += [(first + j, s.table, 0, start) for j, s in enumerate(bucket)]
-                at_once = cache.prefix_caching  # its rows to its pages now, too (PagedKVCache.prefix_caching)
                 members += [Slot(s.sequence, s.table, start + s.n, start + s.n if at_once else start, s.limit)
                             for s in bucket]
                 rows = cache.slots([s.table for s in bucket], start, [start + s.n for s in bucket]) if at_once else None

@@ -140,7 +140,6 @@ class Engine:
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._sequences = itertools.count()  # (an int per admission: cheap to hash, every layer of every step)
-        self.prefix_caching = prefix_caching
         self.prefix_hits = 0
         self.prefix_hit_tokens = 0
         self.computed_tokens = 0  # tokens run through the model (prefill, recomputation, decode)
@@ -160,6 +159,10 @@ class Engine:
     @property
     def free_blocks(self) -> int:
         return self.pool.num_free
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.cache.prefix_caching  # (the cache's rule for prompt rows follows it too)
 
     def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
