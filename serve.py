@@ -381,20 +381,31 @@ class StreamAnswer(WholeAnswer):
         self.handler.wfile.flush()
 
 
+class Server(ThreadingHTTPServer):
+    """The standard library's threaded server, a thread per connection, quiet about clients
+    that hang up: a dropped connection is routine for a server (its request is cancelled, or
+    already done), not a bug worth a traceback. Any other error in a handler still prints one."""
+
+    daemon_threads = True  # a connection left open does not hold up the shutdown
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # (broken pipe, reset, aborted)
+            super().handle_error(request, client_address)
+
+
 # --- putting it together -------------------------------------------------------------------------
 
 
 def make_server(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 0, model_name: str = "model",
                 max_batch_size: int = 16, page_size: int = 16, num_blocks: int | None = None,
-                max_step_tokens: int = 512, verbose: bool = False) -> ThreadingHTTPServer:
+                max_step_tokens: int = 512, verbose: bool = False) -> Server:
     """A server (not yet serving) and its started engine thread (server.app.loop)."""
     if num_blocks is None:  # every sequence of a full batch can reach the whole context
         num_blocks = max_batch_size * -(-model.config.block_size // page_size)
     engine = Engine(model, max_batch_size, page_size, num_blocks, tokenizer=tokenizer,
                     max_step_tokens=max(max_step_tokens, max_batch_size))
     loop = EngineLoop(engine)
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = Server((host, port), Handler)
     server.app, server.verbose = App(loop, tokenizer, model_name, model.config.block_size), verbose
     loop.start()
     return server

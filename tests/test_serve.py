@@ -8,7 +8,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -41,9 +44,10 @@ def tiny_model(tokenizer) -> GPT:
 class Running:
     """A server on a free port, serving from a thread, and the URL to reach it."""
 
-    def __init__(self, tokenizer, name: str) -> None:
+    def __init__(self, tokenizer, name: str, **settings) -> None:
         self.tokenizer, self.model = tokenizer, tiny_model(tokenizer)
-        self.server = serve.make_server(self.model, tokenizer, port=0, model_name=name, max_batch_size=4, page_size=4)
+        settings = {"max_batch_size": 4, "page_size": 4, **settings}
+        self.server = serve.make_server(self.model, tokenizer, port=0, model_name=name, **settings)
         self.url = "http://%s:%d" % self.server.server_address[:2]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
@@ -240,6 +244,93 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(text_server):
         time.sleep(0.05)
     assert not engine.has_work() and engine.free_blocks == engine.num_blocks
     assert engine.requests == {}  # finished (cancelled) and forgotten
+
+
+def test_a_client_that_hangs_up_leaves_no_traceback(text_server, capsys):
+    """Clients drop connections all the time: the server says nothing (socketserver's default
+    prints a traceback for each) and goes on serving."""
+    needs_cpu()
+    host, port = text_server.server.server_address[:2]
+    threads = threading.active_count()
+    with socket.create_connection((host, port), timeout=30) as client:
+        body = json.dumps({"prompt": "to be", "max_tokens": 3}).encode()
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = client.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200") and b"Connection: close" not in reply  # kept alive ...
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # ... and reset (linger 0), while the server's thread waits for the next request on it
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() == threads  # that thread has met the reset and ended
+    status, body = post(text_server.url, {"prompt": "to be", "max_tokens": 3})
+    assert status == 200 and len(body["choices"][0]["text"]) == 3
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_crowd_of_clients_is_served_and_nothing_is_left_behind(capsys):
+    """Eight clients at once, 12 seeded requests each: whole and streamed answers, stop
+    strings, bad requests and clients that leave mid-stream, on a pool small enough to
+    preempt and a step budget small enough to prefill in chunks. Every answer is well
+    formed, each greedy one is generate()'s, and afterwards every page is back, the server
+    remembers no request, and nothing was printed."""
+    needs_cpu()
+    server = Running(CharTokenizer(TEXT), "crowd", max_batch_size=6, num_blocks=20, max_step_tokens=24)
+    greedy, problems = [], []
+
+    def client(seed: int) -> None:
+        try:
+            requests(random.Random(seed))
+        except Exception as error:  # (a thread's exception would not fail the test by itself)
+            problems.append(error)
+
+    def requests(rng: random.Random) -> None:
+        for _ in range(12):
+            prompt = "".join(rng.choice("abc de") for _ in range(rng.randint(1, 40)))
+            body = {"prompt": prompt, "max_tokens": rng.choice([1, 5, 20]), "temperature": rng.choice([0, 0, 0.8])}
+            if rng.random() < 0.2:
+                body["stop"] = rng.choice(["a", ["b ", "c"]])
+            kind = rng.choice(["whole", "stream", "bad", "leaves"])
+            if kind == "bad":
+                status, error = post(server.url, {**body, "top_p": 2})
+                if status != 400 or error["error"]["param"] != "top_p":
+                    problems.append((status, error))
+            elif kind == "whole":
+                status, answer = post(server.url, body)
+                if status != 200 or answer["choices"][0]["finish_reason"] not in ("stop", "length"):
+                    problems.append((status, answer))
+                elif body["temperature"] == 0 and "stop" not in body:
+                    greedy.append((prompt, body["max_tokens"], answer["choices"][0]["text"]))
+            else:
+                connection = http.client.HTTPConnection(*server.server.server_address[:2], timeout=30)
+                connection.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}))
+                response = connection.getresponse()
+                events = [response.readline()] if kind == "leaves" else response.read().split(b"\n\n")[:-1]
+                connection.close()
+                if not events[0].startswith(b"data: ") or kind == "stream" and events[-1] != b"data: [DONE]":
+                    problems.append(events)
+                elif kind == "stream" and body["temperature"] == 0 and "stop" not in body:
+                    pieces = [json.loads(event[6:])["choices"][0]["text"] for event in events[:-1]]
+                    greedy.append((prompt, body["max_tokens"], "".join(pieces)))
+    try:
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        engine, deadline = server.engine, time.monotonic() + 20
+        while time.monotonic() < deadline and (engine.has_work() or engine.requests
+                                               or engine.free_blocks != engine.num_blocks):
+            time.sleep(0.05)
+    finally:
+        server.close()
+    assert problems == [] and server.server.app.loop.error is None
+    assert engine.preemptions > 0  # (the crowd did need the small pool's rules)
+    assert not engine.has_work() and engine.requests == {} and engine.free_blocks == engine.num_blocks
+    assert server.server.app.loop.outboxes == {} and not any(engine.pool.ref_counts)
+    assert len(greedy) > 5 and all(text == greedy_text(server, prompt, n) for prompt, n, text in greedy)
+    assert "Traceback" not in capsys.readouterr().err
 
 
 # --- the script ------------------------------------------------------------------------------------
