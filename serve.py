@@ -6,7 +6,9 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (a checkpoint fine-tuned with
 a chat template: train.py --stage sft), GET /v1/models. "stream": true sends server-sent
-events. Any OpenAI client works: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
+events ("stream_options": {"include_usage": true} adds the token counts at the end); chat
+takes max_completion_tokens or max_tokens. Any OpenAI client works:
+OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 
 One engine thread runs model/serving.py's Engine: requests from all connections join its
 running batch between steps (continuous batching). Each connection has its own thread
@@ -157,8 +159,11 @@ def _field(body: dict, name: str, kinds: tuple, default: Any = None, check=None,
     return value
 
 
-def sampling_params(body: dict, default_max_tokens: int) -> dict:
+def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> dict:
     """The engine's submit() settings from the request's OpenAI fields."""
+    limit = "max_tokens"
+    if chat and body.get("max_completion_tokens") is not None:  # the chat API's newer name for max_tokens
+        limit = "max_completion_tokens"
     if _field(body, "n", (int,), 1) != 1:
         raise BadRequest("only n = 1 is supported", "n")
     top_p = _field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
@@ -167,12 +172,22 @@ def sampling_params(body: dict, default_max_tokens: int) -> dict:
     if len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
     return dict(
-        max_new_tokens=_field(body, "max_tokens", (int,), default_max_tokens, lambda v: v >= 1, ">= 1"),
+        max_new_tokens=_field(body, limit, (int,), default_max_tokens, lambda v: v >= 1, ">= 1"),
         temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: v >= 0, ">= 0")),
         top_p=None if top_p == 1 else float(top_p),
         top_k=_field(body, "top_k", (int,), None, lambda v: v >= 1, ">= 1"),
         seed=_field(body, "seed", (int,), None),
         stop=tuple(stop))
+
+
+def include_usage(body: dict, stream: bool) -> bool:
+    """Does the stream end with a chunk of token counts ("stream_options": {"include_usage": true})?"""
+    options = _field(body, "stream_options", (dict,), None)
+    if options is None:
+        return False
+    if not stream:
+        raise BadRequest("'stream_options' is only allowed with \"stream\": true", "stream_options")
+    return _field(options, "include_usage", (bool,), False)
 
 
 class App:
@@ -245,16 +260,18 @@ class Handler(BaseHTTPRequestHandler):
             chat = route.endswith("chat/completions")
             prompt = self.app.chat_prompt(body) if chat else self.app.completion_prompt(body)
             default_max = max(1, self.app.block_size - len(prompt)) if chat else 16  # as OpenAI's defaults
-            params = sampling_params(body, default_max)
+            params = sampling_params(body, default_max, chat)
             stream = _field(body, "stream", (bool,), False)
+            usage = include_usage(body, stream)
             try:
                 request_id, updates = self.app.loop.submit(prompt, params)
             except RequestError as error:
                 raise BadRequest(" ".join(str(error).split()), "prompt") from None
         except BadRequest as error:
             return self.send_error_json(error)
-        answer = StreamAnswer if stream else WholeAnswer
-        answer(self, request_id, updates, chat, len(prompt)).run()
+        answer = StreamAnswer(self, request_id, updates, chat, usage) if stream else WholeAnswer(
+            self, request_id, updates, chat)
+        answer.run()
 
     # --- reading and writing
 
@@ -301,9 +318,15 @@ class Handler(BaseHTTPRequestHandler):
 class WholeAnswer:
     """Wait for the whole answer, then send it as one JSON body."""
 
-    def __init__(self, handler: Handler, request_id: int, updates: queue.Queue, chat: bool, prompt_tokens: int) -> None:
+    def __init__(self, handler: Handler, request_id: int, updates: queue.Queue, chat: bool) -> None:
         self.handler, self.request_id, self.updates, self.chat = handler, request_id, updates, chat
         self.app = handler.app
+
+    @staticmethod
+    def usage(update: dict) -> dict:
+        """The token counts of a finished request's last update."""
+        return {"prompt_tokens": update["prompt_tokens"], "completion_tokens": update["completion_tokens"],
+                "total_tokens": update["prompt_tokens"] + update["completion_tokens"]}
 
     def next_update(self) -> dict | None:
         """The engine's next update for this request; None if the client left (cancelled)."""
@@ -331,16 +354,22 @@ class WholeAnswer:
             choice["message"] = {"role": "assistant", "content": "".join(text)}
         else:
             choice["text"] = "".join(text)
-        usage = {"prompt_tokens": update["prompt_tokens"], "completion_tokens": update["completion_tokens"],
-                 "total_tokens": update["prompt_tokens"] + update["completion_tokens"]}
         self.handler.send_json(200, {
             "id": self.app.next_id("chatcmpl" if self.chat else "cmpl"),
             "object": "chat.completion" if self.chat else "text_completion",
-            "created": int(time.time()), "model": self.app.model_name, "choices": [choice], "usage": usage})
+            "created": int(time.time()), "model": self.app.model_name, "choices": [choice],
+            "usage": self.usage(update)})
 
 
 class StreamAnswer(WholeAnswer):
-    """Send each piece of text as it comes, as server-sent events, then `data: [DONE]`."""
+    """Send each piece of text as it comes, as server-sent events, then `data: [DONE]`. With
+    include_usage, every chunk has "usage": null and one more chunk, with no choices, brings
+    the token counts before [DONE] (as OpenAI's stream_options)."""
+
+    def __init__(self, handler: Handler, request_id: int, updates: queue.Queue, chat: bool,
+                 include_usage: bool = False) -> None:
+        super().__init__(handler, request_id, updates, chat)
+        self.include_usage = include_usage
 
     def run(self) -> None:
         h = self.handler
@@ -364,6 +393,8 @@ class StreamAnswer(WholeAnswer):
                     self.send({"content": update["text"]} if self.chat else update["text"], None)
                 if update["finish_reason"] is not None:
                     self.send({} if self.chat else "", update["finish_reason"])
+                    if self.include_usage:
+                        self.send_chunk([], self.usage(update))
                     break
             h.wfile.write(b"data: [DONE]\n\n")
             h.wfile.flush()
@@ -373,8 +404,14 @@ class StreamAnswer(WholeAnswer):
     def send(self, piece: Any, finish_reason: str | None) -> None:
         choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
         choice["delta" if self.chat else "text"] = piece
-        self.send_event({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                         "created": self.created, "model": self.app.model_name, "choices": [choice]})
+        self.send_chunk([choice])
+
+    def send_chunk(self, choices: list, usage: dict | None = None) -> None:
+        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                 "created": self.created, "model": self.app.model_name, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = usage
+        self.send_event(chunk)
 
     def send_event(self, payload: dict) -> None:
         self.handler.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")

@@ -118,6 +118,10 @@ def test_the_openai_client_gets_concurrent_and_streamed_completions(text_server)
     pieces = [chunk.choices[0].text for chunk in
               client.completions.create(model="tiny-char", prompt="to be or", max_tokens=12, temperature=0, stream=True)]
     assert len(pieces) >= 12 and "".join(pieces) == greedy_text(text_server, "to be or", 12)
+    *chunks, last = client.completions.create(model="tiny-char", prompt="to be or", max_tokens=12, temperature=0,
+                                              stream=True, stream_options={"include_usage": True})
+    assert all(chunk.usage is None for chunk in chunks) and "".join(c.choices[0].text for c in chunks) == "".join(pieces)
+    assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (8, 12)
     assert [m.id for m in client.models.list().data] == ["tiny-char"]
 
 
@@ -137,6 +141,10 @@ def test_the_openai_client_chats_with_a_chat_checkpoint(chat_server):
     streamed = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=8, temperature=0,
                                               stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected_text
+    # max_completion_tokens: the chat API's newer name for max_tokens
+    short = client.chat.completions.create(model="tiny-chat", messages=messages, max_completion_tokens=3, temperature=0)
+    assert short.usage.completion_tokens == min(3, len(expected)) and expected_text.startswith(
+        short.choices[0].message.content)
 
 
 # --- plain urllib ------------------------------------------------------------------------------
@@ -186,6 +194,8 @@ def test_a_completion_stops_at_a_stop_string(text_server):
     ({"prompt": "a" * 100, "max_tokens": 1}, None, 400, "prompt"),  # longer than the model takes
     ({"prompt": "TO BE"}, None, 400, "prompt"),  # characters the vocabulary lacks
     ({"prompt": "to be", "stream": "yes"}, None, 400, "stream"),
+    ({"prompt": "to be", "stream_options": {"include_usage": True}}, None, 400, "stream_options"),  # not a stream
+    ({"prompt": "to be", "stream": True, "stream_options": "usage"}, None, 400, "stream_options"),
     ({"prompt": "to be", "n": 2}, None, 400, "n"),
     ({"prompt": "to be", "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop"),
 ])
@@ -221,6 +231,9 @@ def test_bad_chat_messages_are_a_400(chat_server):
     status, error = post(chat_server.url, {"messages": [{"role": "wizard", "content": "hi"}]},
                          path="/v1/chat/completions")
     assert status == 400 and error["error"]["param"] == "messages"
+    status, error = post(chat_server.url, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+                         path="/v1/chat/completions")
+    assert status == 400 and error["error"]["param"] == "max_completion_tokens"
 
 
 # --- a client that leaves ------------------------------------------------------------------------
