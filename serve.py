@@ -39,6 +39,11 @@ from tinygrad_lite.functional import DEFAULT_TIER, TIERS
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused (413)
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+# OpenAI fields this server does not implement, and the values that ask for nothing (what
+# clients send by default): any other value is a 400, not an answer that silently ignores it
+UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
+               "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],),
+               "functions": ([],)}
 
 
 def parse_args(argv=None):
@@ -161,6 +166,10 @@ def _field(body: dict, name: str, kinds: tuple, default: Any = None, check=None,
 
 def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> dict:
     """The engine's submit() settings from the request's OpenAI fields."""
+    for name, nothing in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and not any(value == v and (type(v) is not bool or value is v) for v in nothing):
+            raise BadRequest(f"'{name}' is not supported by this server", name)
     limit = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:  # the chat API's newer name for max_tokens
         limit = "max_completion_tokens"

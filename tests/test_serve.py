@@ -198,6 +198,8 @@ def test_a_completion_stops_at_a_stop_string(text_server):
     ({"prompt": "to be", "stream": True, "stream_options": "usage"}, None, 400, "stream_options"),
     ({"prompt": "to be", "n": 2}, None, 400, "n"),
     ({"prompt": "to be", "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop"),
+    ({"prompt": "to be", "logprobs": 0}, None, 400, "logprobs"),  # asks for the chosen tokens' log-probabilities
+    ({"prompt": "to be", "presence_penalty": 0.5}, None, 400, "presence_penalty"),  # not implemented: not ignored
 ])
 def test_each_bad_request_gets_its_4xx_and_the_server_stays_up(text_server, body, raw, status, param):
     needs_cpu()
@@ -206,6 +208,13 @@ def test_each_bad_request_gets_its_4xx_and_the_server_stays_up(text_server, body
     assert error["error"]["param"] == param and error["error"]["message"]
     ok, answer = post(text_server.url, {"prompt": "to be", "max_tokens": 3, "temperature": 0})
     assert ok == 200 and len(answer["choices"][0]["text"]) == 3
+
+
+def test_fields_left_at_values_that_ask_for_nothing_are_accepted(text_server):
+    needs_cpu()
+    status, answer = post(text_server.url, {"prompt": "to be", "max_tokens": 3, "logprobs": None, "echo": False,
+                                            "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0})
+    assert status == 200 and len(answer["choices"][0]["text"]) == 3
 
 
 def test_a_body_over_the_limit_is_413_and_unknown_routes_404(text_server, monkeypatch):
