@@ -67,6 +67,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_args(args) -> None:
+    """Everything that can be checked before the checkpoint is read."""
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535 (0: a free one), got {args.port}")
+    for flag in ("max_batch_size", "page_size", "num_blocks", "max_step_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+
+
 # --- the engine thread ------------------------------------------------------------------------
 
 
@@ -446,8 +456,12 @@ def make_server(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int =
                 max_batch_size: int = 16, page_size: int = 16, num_blocks: int | None = None,
                 max_step_tokens: int = 512, verbose: bool = False) -> Server:
     """A server (not yet serving) and its started engine thread (server.app.loop)."""
+    context_pages = -(-model.config.block_size // page_size)
     if num_blocks is None:  # every sequence of a full batch can reach the whole context
-        num_blocks = max_batch_size * -(-model.config.block_size // page_size)
+        num_blocks = max_batch_size * context_pages
+    if num_blocks < context_pages:  # (as vLLM refuses a KV cache shorter than the model's context)
+        raise ValueError(f"a KV cache of {num_blocks} x {page_size}-token pages cannot hold one full context of "
+                         f"{model.config.block_size} tokens: num_blocks must be >= {context_pages}")
     engine = Engine(model, max_batch_size, page_size, num_blocks, tokenizer=tokenizer,
                     max_step_tokens=max(max_step_tokens, max_batch_size))
     loop = EngineLoop(engine)
@@ -460,6 +474,7 @@ def make_server(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int =
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_args(args)
         cpu.tune()
         if args.device:
             backend.set_default_device(args.device)

@@ -391,8 +391,21 @@ def test_serve_py_answers_and_stops_cleanly_on_sigterm(checkpoint):
             process.wait()
 
 
-def test_serve_py_with_a_missing_checkpoint_is_one_line(tmp_path):
+@pytest.mark.parametrize("flags,message", [
+    ([], "no checkpoint"),
+    (["--port", "99999"], "--port"),  # (checked before the checkpoint is read)
+    (["--page-size", "0"], "--page-size"),
+    (["--max-step-tokens", "0"], "--max-step-tokens"),
+])
+def test_serve_py_with_a_bad_flag_or_checkpoint_is_one_line(tmp_path, flags, message):
     needs_cpu()
-    result = subprocess.run([sys.executable, "serve.py", "--out-dir", str(tmp_path / "nothing"), "--port", "0"],
+    result = subprocess.run([sys.executable, "serve.py", "--out-dir", str(tmp_path / "nothing"), "--port", "0", *flags],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error:")
+    assert message in result.stderr
+
+
+def test_a_kv_cache_too_small_for_one_full_context_is_refused_at_start():
+    model = tiny_model(CharTokenizer(TEXT))  # a context of 64 tokens: 16 pages of 4
+    with pytest.raises(ValueError, match="num_blocks must be >= 16"):
+        serve.make_server(model, CharTokenizer(TEXT), page_size=4, num_blocks=15)
