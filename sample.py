@@ -241,23 +241,28 @@ def run_prompts(model, tokenizer, args: argparse.Namespace) -> None:
     """Every prompt of --prompts (x --num-samples) through one Engine, as one workload:
     continuous batching over a paged, prefix-shared KV cache. Prints each prompt and its
     completion in file order; --verbose adds throughput, latency and the prefix hit rate."""
-    from model.serving import Engine, RequestError, latency_summary
+    from tqdm import tqdm
+
+    from model.serving import Engine, latency_summary
     prompts = read_prompts(args.prompts)
     page_size = 16
     engine = Engine(model, args.max_batch_size, page_size, args.max_batch_size * -(-model.config.block_size // page_size),
                     tokenizer=tokenizer, max_step_tokens=max(512, args.max_batch_size))
     rids, texts = [], []
     for number, text in enumerate(prompts, 1):
-        ids = tokenizer.encode(text)
-        for i in range(args.num_samples):
-            try:
+        try:
+            ids = tokenizer.encode(text)
+            for i in range(args.num_samples):
                 rids.append(engine.submit(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                           top_p=args.top_p, seed=args.seed + len(rids), stop=args.stop))
-            except RequestError as e:
-                raise UserError(f"{args.prompts}, prompt {number}: {e}") from None
-            texts.append(text)
+                texts.append(text)
+        except ValueError as e:  # (RequestError, or a character the vocabulary lacks)
+            raise UserError(f"{args.prompts}, prompt {number}: {e}") from None
     start = time.perf_counter()
-    engine.run()
+    # a bar of finished requests, on a terminal only (disable=None): stdout is the texts
+    with tqdm(total=len(rids), unit="request", file=sys.stderr, disable=None, leave=False) as bar:
+        while engine.has_work():
+            bar.update(sum(engine.request(rid).done for rid in engine.step()))
     end = time.perf_counter()
     for i, (rid, text) in enumerate(zip(rids, texts)):
         sys.stdout.write(text + engine.request(rid).text + (SEPARATOR if i + 1 < len(rids) else "\n"))

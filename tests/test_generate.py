@@ -598,6 +598,7 @@ def test_sample_py_prompts_runs_a_file_through_the_engine_as_generate_would(chec
     ("the\n", ["--chat"], "does not combine"),
     ("the\n", ["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
     ("the\nthe dog ran\n", ["--max-new-tokens", "10"], "prompt 2: the prompt (11 tokens) plus max_new_tokens (10)"),
+    ("the\nthe ZOO\n", ["--max-new-tokens", "3"], "prompt 2: character(s) 'O', 'Z' are outside"),
 ])
 def test_sample_py_prompts_errors_are_one_line(checkpoint, tmp_path, capsys, content, flags, message):
     import sample
