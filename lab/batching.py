@@ -49,10 +49,10 @@ from model.serving import Engine  # noqa: E402
 MODEL = dict(vocab_size=65, block_size=1024, n_layer=4, n_head=4, n_embd=128)
 FULL = dict(same_work_prompt=64, same_work_new=64, same_work_repeats=61, n=32, prompt=(32, 96), new=48,
             batch_sizes=[1, 2, 4, 8, 16, 32], sweep_repeats=5, rates=[5.0, 20.0, 50.0, 100.0, 200.0], arrivals_n=64,
-            arrivals_batch=16, shared_n=16, system=200, question=(10, 30), shared_new=24)
+            arrivals_batch=16, prefix_repeats=5, shared_n=16, system=200, question=(10, 30), shared_new=24)
 QUICK = dict(same_work_prompt=16, same_work_new=8, same_work_repeats=2, n=6, prompt=(8, 16), new=6,
              batch_sizes=[1, 2, 6], sweep_repeats=1, rates=[20.0, 80.0], arrivals_n=6, arrivals_batch=4,
-             shared_n=4, system=40, question=(4, 8), shared_new=4)
+             prefix_repeats=1, shared_n=4, system=40, question=(4, 8), shared_new=4)
 PAGE_SIZE = 16
 
 
@@ -205,7 +205,7 @@ def prefix_sharing(model: GPT, s: dict, rng) -> dict:
     out = {"requests": s["shared_n"], "system_tokens": s["system"],
            "prompt_tokens": sum(len(p) for p in prompts)}
     results, runs = {}, {False: [], True: []}
-    for repeat in range(s["sweep_repeats"]):  # alternating, each going first in turn
+    for repeat in range(s["prefix_repeats"]):  # alternating, each going first in turn
         for caching in in_turn((False, True), repeat):
             engine = make_engine(model, 8, prefix_caching=caching)
             start = time.perf_counter()
