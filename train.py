@@ -153,6 +153,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
             raise UserError(f"--{key} must be in [0, 1), got {cfg[key]}")
     if not cfg["weight_decay"] >= 0:
         raise UserError(f"--weight-decay must be >= 0, got {cfg['weight_decay']}")
+    if not cfg["grad_clip"] >= 0:
+        raise UserError(f"--grad-clip must be >= 0 (0: no clipping), got {cfg['grad_clip']}")
+    for key in ("warmup_iters", "lr_decay_iters"):
+        if cfg[key] < 0:
+            raise UserError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     if args.shards is not None and args.shards < 1:
         raise UserError(f"--shards must be >= 1, got {args.shards}")
     cfg.update(stage=args.stage or "pretrain", beta=args.beta)

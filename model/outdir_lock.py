@@ -30,7 +30,10 @@ class OutDirLock:
 
     def acquire(self) -> "OutDirLock":
         import fcntl  # POSIX; on Windows there is no such lock, and no protection
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # (a read-only place, a file in the path): one line that names the folder
+            raise OSError(f"cannot create the out dir {self.path.parent}: {error.strerror or error}") from None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
