@@ -72,6 +72,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before the checkpoint is read."""
     check_sampling(args.temperature, args.top_k, args.top_p)
     _check_stops(args.stop)
+    if args.seed < 0:
+        raise UserError(f"--seed must be >= 0, got {args.seed}")
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:

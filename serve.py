@@ -195,7 +195,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> 
         temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: v >= 0, ">= 0")),
         top_p=None if top_p == 1 else float(top_p),
         top_k=_field(body, "top_k", (int,), None, lambda v: v >= 1, ">= 1"),
-        seed=_field(body, "seed", (int,), None),
+        seed=_field(body, "seed", (int,), None, lambda v: v >= 0, ">= 0"),
         stop=tuple(stop))
 
 

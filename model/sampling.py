@@ -91,6 +91,8 @@ def make_rng(seed: int | None) -> Any:
     generator that `tinygrad_lite.manual_seed` seeds."""
     if seed is None:
         return backend.generator("cpu")
+    if int(seed) != seed or seed < 0:  # (NumPy's own message, "expected non-negative integer", names nothing)
+        raise ValueError(f"seed must be an integer >= 0, got {seed}")
     return backend.namespace("cpu").random.default_rng(seed)
 
 

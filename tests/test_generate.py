@@ -538,6 +538,7 @@ def test_sample_py_speculative_with_a_prompt_file_and_a_stop(checkpoint, tmp_pat
     (["--temperature", "-1"], "temperature"),
     (["--top-k", "0"], "top_k"),
     (["--top-p", "1.5"], "top_p"),
+    (["--seed", "-1"], "--seed must be >= 0"),
     (["--prompt", "ZQ"], "outside the char vocabulary"),
     (["--prompt", ""], "prompt is empty"),
     (["--prompt", "@/no/such/file.txt"], "prompt file"),

@@ -191,6 +191,7 @@ def test_a_completion_stops_at_a_stop_string(text_server):
     ({"prompt": "to be", "temperature": -0.5}, None, 400, "temperature"),
     ({"prompt": "to be", "top_p": 0}, None, 400, "top_p"),
     ({"prompt": "to be", "top_p": 1.5}, None, 400, "top_p"),
+    ({"prompt": "to be", "seed": -1}, None, 400, "seed"),
     ({"prompt": "a" * 100, "max_tokens": 1}, None, 400, "prompt"),  # longer than the model takes
     ({"prompt": "TO BE"}, None, 400, "prompt"),  # characters the vocabulary lacks
     ({"prompt": "to be", "stream": "yes"}, None, 400, "stream"),

@@ -684,6 +684,7 @@ def test_timings_are_in_order():
     (dict(prompt_ids=[99], max_new_tokens=2), "token ids"),
     (dict(prompt_ids=[1], max_new_tokens=2, temperature=-1), "temperature"),
     (dict(prompt_ids=[1], max_new_tokens=2, top_p=1.5), "top_p"),
+    (dict(prompt_ids=[1], max_new_tokens=2, seed=-1), "seed must be an integer >= 0"),
     (dict(prompt_ids=[1], max_new_tokens=2, stop=["x"]), "tokenizer"),
 ])
 def test_requests_the_engine_cannot_serve_are_refused_with_one_line(kwargs, message):
