@@ -256,19 +256,19 @@ class Engine:
             else:
                 batch.append((request, n))
                 budget -= n
-        starting: set[int] = set()  # first-page keys of the prompts this step starts computing
+        starting: set[int] = set()  # keys of the first full pages that requests admitted now compute
         while self.waiting and len(self.running) < self.max_batch_size and budget > 0:
             request = self.waiting[0]
-            hits = self._reuse_prefix(request)
-            first = self._first_page_key(request)
-            if hits == 0 and first in starting:
-                break  # another request computes this prompt's start right now: share it next step
+            hits, computes = self._reuse_prefix(request)
+            if computes in starting:  # another request computes that page right now: share it next step
+                self._release(request)  # (it waits holding nothing)
+                break
             n = min(len(request.tokens) - request.num_cached, budget)
             if not self._reserve(request, n):
                 self._release(request)  # the pool is full: it waits for pages, holding none
                 break
-            if hits == 0 and first is not None:
-                starting.add(first)
+            if computes is not None:
+                starting.add(computes)
             self.prefix_hits += hits
             self.prefix_hit_tokens += hits * self.page_size
             request.prefix_tokens += hits * self.page_size
@@ -304,16 +304,11 @@ class Engine:
             self.pool.release(page)
         request.pages, request.page_keys, request.num_cached = [], [], 0
 
-    def _first_page_key(self, request: Request) -> int | None:
-        """The prefix key of the request's first page, if that page will be full and shareable."""
-        if not self.prefix_caching or len(request.tokens) <= self.page_size:
-            return None
-        return page_key(None, request.tokens[:self.page_size])
-
-    def _reuse_prefix(self, request: Request) -> int:
+    def _reuse_prefix(self, request: Request) -> tuple[int, int | None]:
         """Hold the cached pages that hold the start of the request's tokens, so their
-        prefill is skipped; returns how many. The last token is always computed: its
-        logits choose the next token."""
+        prefill is skipped. Returns how many, and the prefix key of the first full page it
+        must compute itself (None if none). The last token is always computed: its logits
+        choose the next token, so a page that holds it is never reused."""
         tokens, page = request.tokens, self.page_size
         key = None
         for i in range((len(tokens) - 1) // page if self.prefix_caching else 0):
@@ -321,12 +316,12 @@ class Engine:
             key = page_key(key, chunk)
             hit = self.pool.lookup(key, chunk)
             if hit is None:
-                break
+                return len(request.pages), key
             self.pool.hold(hit)
             request.pages.append(hit)
             request.page_keys.append(key)
             request.num_cached += page
-        return len(request.pages)
+        return len(request.pages), None
 
     # --- the forward pass and its results ---------------------------------------------------
 

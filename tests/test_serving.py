@@ -501,6 +501,27 @@ def test_requests_sharing_a_prefix_hold_the_same_pages_and_skip_its_prefill():
     assert_pool_is_empty(engine)
 
 
+def test_requests_arriving_together_behind_a_cached_prefix_compute_the_rest_they_share_once():
+    # a finished request left 2 pages in the prefix cache; three arrive at once whose prompts
+    # go on alike for 3 more pages: the first computes those, the others wait a step and share them
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
+    cached = prompts([8])[0]
+    engine.submit(cached + [1], 2, temperature=0)
+    engine.run()
+    given = [cached + prompts([12], seed=2)[0] + [t] for t in (3, 4, 5)]  # 5 full pages, then their own token
+    ids = [engine.submit(p, 4, temperature=0) for p in given]
+    engine.step()
+    assert [engine.request(i).num_cached for i in ids] == [21, 0, 0]  # the others hold nothing while they wait
+    engine.step()
+    first, *others = (engine.request(i) for i in ids)
+    assert all(other.pages[:5] == first.pages[:5] for other in others)
+    assert engine.prefix_hit_tokens == 2 * 4 + 2 * (5 * 4)
+    results = engine.run()
+    assert all(results[i] == alone(model, p, 4) for i, p in zip(ids, given))
+    assert_pool_is_empty(engine)
+
+
 def test_questions_of_different_lengths_behind_a_cached_prefix_prefill_in_one_padded_group(monkeypatch):
     # requests behind one cached system prompt start at the same position: their
     # questions prefill as one group, right-padded after the shared pages, while the first
