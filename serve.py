@@ -7,7 +7,7 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (a checkpoint fine-tuned with
 a chat template: train.py --stage sft), GET /v1/models. "stream": true sends server-sent
 events ("stream_options": {"include_usage": true} adds the token counts at the end); chat
-takes max_completion_tokens or max_tokens. Any OpenAI client works:
+takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages. Any OpenAI client works:
 OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 
 One engine thread runs model/serving.py's Engine: requests from all connections join its
@@ -39,6 +39,7 @@ from tinygrad_lite.functional import DEFAULT_TIER, TIERS
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused (413)
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_CHOICES = 16  # "n": completions of one prompt, each its own engine request (sharing the prompt's pages)
 # OpenAI fields this server does not implement, and the values that ask for nothing (what
 # clients send by default): any other value is a 400, not an answer that silently ignores it
 UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
@@ -93,17 +94,18 @@ class EngineLoop(threading.Thread):
         self.stopping = threading.Event()
         self.error: BaseException | None = None
 
-    def submit(self, prompt_ids: list[int], params: dict) -> tuple[int, queue.Queue]:
-        """Hand a request to the engine; (request id, its queue of updates). RequestError if refused."""
+    def submit(self, prompt_ids: list[int], params: dict, n: int = 1) -> tuple[list[int], queue.Queue]:
+        """Hand n requests for one prompt to the engine (a seed gives the i-th seed + i); their
+        ids, and one queue of updates for all of them. RequestError if refused."""
         reply: queue.Queue = queue.Queue(maxsize=1)
-        self.inbox.put(("submit", (prompt_ids, params), reply))
+        self.inbox.put(("submit", (prompt_ids, params, n), reply))
         result = reply.get()
         if isinstance(result, BaseException):
             raise result
         return result
 
-    def cancel(self, request_id: int) -> None:
-        self.inbox.put(("cancel", request_id, None))
+    def cancel(self, request_ids: list[int]) -> None:
+        self.inbox.put(("cancel", request_ids, None))
 
     def run(self) -> None:
         try:
@@ -124,16 +126,21 @@ class EngineLoop(threading.Thread):
             while True:
                 kind, payload, reply = command
                 if kind == "submit":
-                    prompt_ids, params = payload
-                    try:
-                        request_id = self.engine.submit(prompt_ids, **params)
+                    prompt_ids, params, n = payload
+                    seed = params["seed"]
+                    try:  # (the same settings n times: the first is refused, or none is)
+                        ids = [self.engine.submit(prompt_ids, **{**params, "seed": None if seed is None else seed + i})
+                               for i in range(n)]
                     except RequestError as error:
                         reply.put(error)
                     else:
-                        self.outboxes[request_id], self.sent[request_id] = queue.Queue(), 0
-                        reply.put((request_id, self.outboxes[request_id]))
+                        outbox = queue.Queue()
+                        for request_id in ids:
+                            self.outboxes[request_id], self.sent[request_id] = outbox, 0
+                        reply.put((ids, outbox))
                 elif kind == "cancel":
-                    self.engine.cancel(payload)
+                    for request_id in payload:
+                        self.engine.cancel(request_id)
                 command = self.inbox.get_nowait()
         except queue.Empty:
             pass
@@ -141,7 +148,7 @@ class EngineLoop(threading.Thread):
     def _post(self, request_id: int, ids: list[int]) -> None:
         request = self.engine.request(request_id)
         text, self.sent[request_id] = request.text[self.sent[request_id]:], len(request.text)
-        update = {"text": text, "ids": ids, "finish_reason": request.finish_reason}
+        update = {"id": request_id, "text": text, "ids": ids, "finish_reason": request.finish_reason}
         if request.done:
             update.update(prompt_tokens=len(request.prompt), completion_tokens=len(request.output))
             del self.engine.requests[request_id], self.sent[request_id]  # the server forgets it
@@ -174,6 +181,11 @@ def _field(body: dict, name: str, kinds: tuple, default: Any = None, check=None,
     return value
 
 
+def choices_wanted(body: dict) -> int:
+    """"n": how many completions of the prompt (each one a choice of the answer)."""
+    return _field(body, "n", (int,), 1, lambda v: 1 <= v <= MAX_CHOICES, f"in 1..{MAX_CHOICES}")
+
+
 def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> dict:
     """The engine's submit() settings from the request's OpenAI fields."""
     for name, nothing in UNSUPPORTED.items():
@@ -183,8 +195,6 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> 
     limit = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:  # the chat API's newer name for max_tokens
         limit = "max_completion_tokens"
-    if _field(body, "n", (int,), 1) != 1:
-        raise BadRequest("only n = 1 is supported", "n")
     top_p = _field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
     stop = _field(body, "stop", (str, list), ())
     stop = [stop] if isinstance(stop, str) else stop
@@ -283,13 +293,13 @@ class Handler(BaseHTTPRequestHandler):
             stream = _field(body, "stream", (bool,), False)
             usage = include_usage(body, stream)
             try:
-                request_id, updates = self.app.loop.submit(prompt, params)
+                request_ids, updates = self.app.loop.submit(prompt, params, choices_wanted(body))
             except RequestError as error:
                 raise BadRequest(" ".join(str(error).split()), "prompt") from None
         except BadRequest as error:
             return self.send_error_json(error)
-        answer = StreamAnswer(self, request_id, updates, chat, usage) if stream else WholeAnswer(
-            self, request_id, updates, chat)
+        answer = StreamAnswer(self, request_ids, updates, chat, usage) if stream else WholeAnswer(
+            self, request_ids, updates, chat)
         answer.run()
 
     # --- reading and writing
@@ -335,59 +345,69 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class WholeAnswer:
-    """Wait for the whole answer, then send it as one JSON body."""
+    """Wait for the whole answer (its n choices: one engine request each), then send it as
+    one JSON body."""
 
-    def __init__(self, handler: Handler, request_id: int, updates: queue.Queue, chat: bool) -> None:
-        self.handler, self.request_id, self.updates, self.chat = handler, request_id, updates, chat
+    def __init__(self, handler: Handler, request_ids: list[int], updates: queue.Queue, chat: bool) -> None:
+        self.handler, self.request_ids, self.updates, self.chat = handler, request_ids, updates, chat
+        self.index = {request_id: i for i, request_id in enumerate(request_ids)}  # request -> its choice
+        self.last: dict[int, dict] = {}  # each finished request's last update
         self.app = handler.app
 
-    @staticmethod
-    def usage(update: dict) -> dict:
-        """The token counts of a finished request's last update."""
-        return {"prompt_tokens": update["prompt_tokens"], "completion_tokens": update["completion_tokens"],
-                "total_tokens": update["prompt_tokens"] + update["completion_tokens"]}
+    def usage(self) -> dict:
+        """The token counts of the finished choices (the prompt counted once, as OpenAI does)."""
+        prompt = next(iter(self.last.values()))["prompt_tokens"]
+        completion = sum(update["completion_tokens"] for update in self.last.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def next_update(self) -> dict | None:
-        """The engine's next update for this request; None if the client left (cancelled)."""
-        while True:
+    def updates_until_done(self):
+        """The engine's updates for these requests until all have finished: (choice index, update),
+        or an update with "error" (then stop). Ends early if the client left (all cancelled)."""
+        while len(self.last) < len(self.request_ids):
             try:
-                return self.updates.get(timeout=0.1)
+                update = self.updates.get(timeout=0.1)
             except queue.Empty:
                 if self.handler.client_gone():
-                    self.app.loop.cancel(self.request_id)
-                    return None
+                    self.app.loop.cancel(self.request_ids)
+                    return
+                continue
+            if "error" in update:
+                yield None, update
+                return
+            if update["finish_reason"] is not None:
+                self.last[update["id"]] = update
+            yield self.index[update["id"]], update
 
     def run(self) -> None:
-        text = []
-        while True:
-            update = self.next_update()
-            if update is None:
-                return
+        texts = [[] for _ in self.request_ids]
+        for i, update in self.updates_until_done():
             if "error" in update:
                 return self.handler.send_error_json(BadRequest("the engine failed: " + update["error"], status=500))
-            text.append(update["text"])
-            if update["finish_reason"] is not None:
-                break
-        choice = {"index": 0, "finish_reason": update["finish_reason"], "logprobs": None}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": "".join(text)}
-        else:
-            choice["text"] = "".join(text)
+            texts[i].append(update["text"])
+        if len(self.last) < len(self.request_ids):
+            return  # the client left
+        choices = []
+        for i, request_id in enumerate(self.request_ids):
+            choice = {"index": i, "finish_reason": self.last[request_id]["finish_reason"], "logprobs": None}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": "".join(texts[i])}
+            else:
+                choice["text"] = "".join(texts[i])
+            choices.append(choice)
         self.handler.send_json(200, {
             "id": self.app.next_id("chatcmpl" if self.chat else "cmpl"),
             "object": "chat.completion" if self.chat else "text_completion",
-            "created": int(time.time()), "model": self.app.model_name, "choices": [choice],
-            "usage": self.usage(update)})
+            "created": int(time.time()), "model": self.app.model_name, "choices": choices, "usage": self.usage()})
 
 
 class StreamAnswer(WholeAnswer):
-    """Send each piece of text as it comes, as server-sent events, then `data: [DONE]`. With
-    include_usage, every chunk has "usage": null and one more chunk, with no choices, brings
-    the token counts before [DONE] (as OpenAI's stream_options)."""
+    """Send each piece of text as it comes, as server-sent events (a choice's index in each),
+    then `data: [DONE]`. With include_usage, every chunk has "usage": null and one more
+    chunk, with no choices, brings the token counts before [DONE] (as OpenAI's stream_options)."""
 
-    def __init__(self, handler: Handler, request_id: int, updates: queue.Queue, chat: bool,
+    def __init__(self, handler: Handler, request_ids: list[int], updates: queue.Queue, chat: bool,
                  include_usage: bool = False) -> None:
-        super().__init__(handler, request_id, updates, chat)
+        super().__init__(handler, request_ids, updates, chat)
         self.include_usage = include_usage
 
     def run(self) -> None:
@@ -401,27 +421,26 @@ class StreamAnswer(WholeAnswer):
         self.id, self.created = self.app.next_id("chatcmpl" if self.chat else "cmpl"), int(time.time())
         try:
             if self.chat:
-                self.send({"role": "assistant", "content": ""}, None)
-            while True:
-                update = self.next_update()
-                if update is None:
-                    return
+                for i in range(len(self.request_ids)):
+                    self.send(i, {"role": "assistant", "content": ""}, None)
+            for i, update in self.updates_until_done():
                 if "error" in update:
                     return self.send_event({"error": {"message": update["error"], "type": "server_error"}})
                 if update["text"] or update["finish_reason"] is None:
-                    self.send({"content": update["text"]} if self.chat else update["text"], None)
+                    self.send(i, {"content": update["text"]} if self.chat else update["text"], None)
                 if update["finish_reason"] is not None:
-                    self.send({} if self.chat else "", update["finish_reason"])
-                    if self.include_usage:
-                        self.send_chunk([], self.usage(update))
-                    break
+                    self.send(i, {} if self.chat else "", update["finish_reason"])
+            if len(self.last) < len(self.request_ids):
+                return  # the client left
+            if self.include_usage:
+                self.send_chunk([], self.usage())
             h.wfile.write(b"data: [DONE]\n\n")
             h.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):  # the client left mid-stream
-            self.app.loop.cancel(self.request_id)
+            self.app.loop.cancel(self.request_ids)
 
-    def send(self, piece: Any, finish_reason: str | None) -> None:
-        choice = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    def send(self, index: int, piece: Any, finish_reason: str | None) -> None:
+        choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
         choice["delta" if self.chat else "text"] = piece
         self.send_chunk([choice])
 

@@ -169,6 +169,27 @@ def test_urllib_gets_concurrent_completions_and_a_stream(text_server):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_n_choices_are_n_requests_that_share_the_prompts_pages(text_server):
+    needs_cpu()
+    from openai import OpenAI
+    client = OpenAI(base_url=text_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    prompt, engine = "ecce homo, ecce lux!", text_server.engine  # 20 tokens: 4 full pages of 4 before the last
+    hits = engine.prefix_hits
+    answer = client.completions.create(model="tiny-char", prompt=prompt, max_tokens=6, temperature=1.0, seed=5, n=3)
+    assert engine.prefix_hits - hits == 2 * 4  # the 2nd and 3rd choice held the 1st one's prompt pages
+    assert [c.index for c in answer.choices] == [0, 1, 2] and answer.usage.completion_tokens == 18
+    assert answer.usage.prompt_tokens == 20  # (the prompt counted once)
+    for choice in answer.choices:  # choice i draws as a request with seed 5 + i would
+        alone = client.completions.create(model="tiny-char", prompt=prompt, max_tokens=6, temperature=1.0,
+                                          seed=5 + choice.index)
+        assert choice.text == alone.choices[0].text
+    texts = ["", "", ""]
+    for chunk in client.completions.create(model="tiny-char", prompt=prompt, max_tokens=6, temperature=1.0, seed=5,
+                                           n=3, stream=True):
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [c.text for c in answer.choices]
+
+
 def test_a_completion_stops_at_a_stop_string(text_server):
     needs_cpu()
     full = greedy_text(text_server, "to be or", 20)
@@ -197,7 +218,8 @@ def test_a_completion_stops_at_a_stop_string(text_server):
     ({"prompt": "to be", "stream": "yes"}, None, 400, "stream"),
     ({"prompt": "to be", "stream_options": {"include_usage": True}}, None, 400, "stream_options"),  # not a stream
     ({"prompt": "to be", "stream": True, "stream_options": "usage"}, None, 400, "stream_options"),
-    ({"prompt": "to be", "n": 2}, None, 400, "n"),
+    ({"prompt": "to be", "n": 0}, None, 400, "n"),
+    ({"prompt": "to be", "n": 17}, None, 400, "n"),
     ({"prompt": "to be", "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop"),
     ({"prompt": "to be", "logprobs": 0}, None, 400, "logprobs"),  # asks for the chosen tokens' log-probabilities
     ({"prompt": "to be", "presence_penalty": 0.5}, None, 400, "presence_penalty"),  # not implemented: not ignored
@@ -293,8 +315,8 @@ def test_a_client_that_hangs_up_leaves_no_traceback(text_server, capsys):
 
 
 def test_a_crowd_of_clients_is_served_and_nothing_is_left_behind(capsys):
-    """Eight clients at once, 12 seeded requests each: whole and streamed answers, stop
-    strings, bad requests and clients that leave mid-stream, on a pool small enough to
+    """Eight clients at once, 12 seeded requests each: whole answers (of one or two choices)
+    and streamed ones, stop strings, bad requests and clients that leave mid-stream, on a pool small enough to
     preempt and a step budget small enough to prefill in chunks. Every answer is well
     formed, each greedy one is generate()'s, and afterwards every page is back, the server
     remembers no request, and nothing was printed."""
@@ -320,11 +342,11 @@ def test_a_crowd_of_clients_is_served_and_nothing_is_left_behind(capsys):
                 if status != 400 or error["error"]["param"] != "top_p":
                     problems.append((status, error))
             elif kind == "whole":
-                status, answer = post(server.url, body)
-                if status != 200 or answer["choices"][0]["finish_reason"] not in ("stop", "length"):
+                status, answer = post(server.url, {**body, "n": rng.choice([1, 2])})
+                if status != 200 or any(c["finish_reason"] not in ("stop", "length") for c in answer["choices"]):
                     problems.append((status, answer))
                 elif body["temperature"] == 0 and "stop" not in body:
-                    greedy.append((prompt, body["max_tokens"], answer["choices"][0]["text"]))
+                    greedy.extend((prompt, body["max_tokens"], choice["text"]) for choice in answer["choices"])
             else:
                 connection = http.client.HTTPConnection(*server.server.server_address[:2], timeout=30)
                 connection.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}))
