@@ -7,8 +7,8 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (a checkpoint fine-tuned with
 a chat template: train.py --stage sft), GET /v1/models. "stream": true sends server-sent
 events ("stream_options": {"include_usage": true} adds the token counts at the end); chat
-takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages. Any OpenAI client works:
-OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
+takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages.
+Any OpenAI client works: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 
 One engine thread runs model/serving.py's Engine: requests from all connections join its
 running batch between steps (continuous batching). Each connection has its own thread
