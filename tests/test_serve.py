@@ -120,7 +120,8 @@ def test_the_openai_client_gets_concurrent_and_streamed_completions(text_server)
     assert len(pieces) >= 12 and "".join(pieces) == greedy_text(text_server, "to be or", 12)
     *chunks, last = client.completions.create(model="tiny-char", prompt="to be or", max_tokens=12, temperature=0,
                                               stream=True, stream_options={"include_usage": True})
-    assert all(chunk.usage is None for chunk in chunks) and "".join(c.choices[0].text for c in chunks) == "".join(pieces)
+    assert all(chunk.usage is None for chunk in chunks)
+    assert "".join(chunk.choices[0].text for chunk in chunks) == "".join(pieces)
     assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (8, 12)
     assert [m.id for m in client.models.list().data] == ["tiny-char"]
 
