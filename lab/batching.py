@@ -238,9 +238,11 @@ def plot(results: dict):
     b = [r["max_batch_size"] for r in sweep]
     ax = axes[0]
     ax.plot(b, [r["tokens_per_s"] for r in sweep], "o-", color="C0")
+    runs = [r.get("tokens_per_s_runs", [r["tokens_per_s"]]) for r in sweep]  # the band: the runs' range
+    ax.fill_between(b, [min(t) for t in runs], [max(t) for t in runs], color="C0", alpha=0.15, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("max batch size")
-    ax.set_ylabel("throughput (generated tokens/s)", color="C0")
+    ax.set_ylabel("throughput (generated tokens/s; band: the runs' range)", color="C0")
     twin = ax.twinx()
     twin.plot(b, [r["tpot_ms_p50"] for r in sweep], "s--", color="C1", label="TPOT p50")
     twin.plot(b, [r["ttft_ms_p50"] / 10 for r in sweep], "^:", color="C2", label="TTFT p50 / 10")
