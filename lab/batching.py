@@ -238,7 +238,7 @@ def plot(results: dict):
     b = [r["max_batch_size"] for r in sweep]
     ax = axes[0]
     ax.plot(b, [r["tokens_per_s"] for r in sweep], "o-", color="C0")
-    runs = [r.get("tokens_per_s_runs", [r["tokens_per_s"]]) for r in sweep]  # the band: the runs' range
+    runs = [r["tokens_per_s_runs"] for r in sweep]  # the band: the runs' range
     ax.fill_between(b, [min(t) for t in runs], [max(t) for t in runs], color="C0", alpha=0.15, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("max batch size")
