@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import serve
 import tinygrad_lite
@@ -232,6 +233,37 @@ def test_each_bad_request_gets_its_4xx_and_the_server_stays_up(text_server, body
     assert error["error"]["param"] == param and error["error"]["message"]
     ok, answer = post(text_server.url, {"prompt": "to be", "max_tokens": 3, "temperature": 0})
     assert ok == 200 and len(answer["choices"][0]["text"]) == 3
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 70) | st.floats(-2, 3, allow_nan=False) | st.text("ab c", max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text("abrolecnt", max_size=7), inner, max_size=3),
+    max_leaves=6)
+FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+          "n", "stream", "stream_options", "logprobs", "echo", "presence_penalty", "model", "user", "suffix"]
+MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "bob", 3]),
+                                           "content": st.text("ab c", max_size=8) | st.integers()}), max_size=3)
+
+
+@settings(max_examples=max(settings().max_examples, 60))
+@given(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6), st.none() | MESSAGES,
+       st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+def test_any_json_body_is_answered_or_refused_never_a_server_error(chat_server, body, messages, path):
+    # the OpenAI fields, each given any JSON value (and chat messages of any shape): the
+    # answer is a whole completion, a whole stream, or a 4xx with an error body, never a 500
+    needs_cpu()
+    body = body if messages is None else {**body, "messages": messages}
+    connection = http.client.HTTPConnection(*chat_server.server.server_address[:2], timeout=30)
+    connection.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    raw = response.read()
+    connection.close()
+    if response.status != 200:
+        assert 400 <= response.status < 500 and "message" in json.loads(raw)["error"], (response.status, raw)
+    elif body.get("stream") is True:
+        assert raw.rstrip().endswith(b"data: [DONE]"), raw[-200:]
+    else:
+        assert json.loads(raw)["choices"]
 
 
 def test_fields_left_at_values_that_ask_for_nothing_are_accepted(text_server):
