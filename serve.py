@@ -5,7 +5,8 @@
     curl -s localhost:8000/v1/completions -d '{"prompt": "ROMEO:", "max_tokens": 40}'
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (a checkpoint fine-tuned with
-a chat template: train.py --stage sft), GET /v1/models. "stream": true sends server-sent
+a chat template: train.py --stage sft), GET /v1/models (and /v1/models/ID), GET /health
+(200 while the engine thread runs, else 503). "stream": true sends server-sent
 events ("stream_options": {"include_usage": true} adds the token counts at the end); chat
 takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages.
 Any OpenAI client works: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
@@ -275,9 +276,16 @@ class Handler(BaseHTTPRequestHandler):
     # --- routes
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/v1/models":
-            return self.send_json(200, {"object": "list", "data": [
-                {"id": self.app.model_name, "object": "model", "created": self.app.created, "owned_by": "tinygrad_lite"}]})
+        route = self.path.rstrip("/")
+        model = {"id": self.app.model_name, "object": "model", "created": self.app.created, "owned_by": "tinygrad_lite"}
+        if route == "/v1/models":
+            return self.send_json(200, {"object": "list", "data": [model]})
+        if route == f"/v1/models/{self.app.model_name}":
+            return self.send_json(200, model)
+        if route == "/health":  # (as vLLM's: 200 while the engine thread runs)
+            if self.app.loop.is_alive():
+                return self.send_json(200, {"status": "ok"})
+            return self.send_error_json(BadRequest("the engine thread has stopped", status=503))
         self.send_error_json(BadRequest(f"no route GET {self.path}", status=404))
 
     def do_POST(self) -> None:

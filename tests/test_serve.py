@@ -125,6 +125,7 @@ def test_the_openai_client_gets_concurrent_and_streamed_completions(text_server)
     assert "".join(chunk.choices[0].text for chunk in chunks) == "".join(pieces)
     assert last.choices == [] and (last.usage.prompt_tokens, last.usage.completion_tokens) == (8, 12)
     assert [m.id for m in client.models.list().data] == ["tiny-char"]
+    assert client.models.retrieve("tiny-char").id == "tiny-char"
 
 
 def test_the_openai_client_chats_with_a_chat_checkpoint(chat_server):
@@ -283,6 +284,22 @@ def test_a_body_over_the_limit_is_413_and_unknown_routes_404(text_server, monkey
         urllib.request.urlopen(text_server.url + "/v2/models", timeout=10)
     assert missing.value.code == 404
     assert post(text_server.url, {"prompt": "to be", "max_tokens": 2})[0] == 200
+
+
+def test_health_is_200_while_the_engine_runs_and_503_after(text_server):
+    needs_cpu()
+    server = Running(CharTokenizer(TEXT), "short-lived")
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
+        assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}
+    server.server.app.loop.stopping.set()  # the engine thread ends (as after a crash): load balancers must know
+    server.server.app.loop.join(timeout=5)
+    with pytest.raises(urllib.error.HTTPError) as down:
+        urllib.request.urlopen(server.url + "/health", timeout=10)
+    assert down.value.code == 503
+    with pytest.raises(urllib.error.HTTPError) as unknown:  # another model's id
+        urllib.request.urlopen(text_server.url + "/v1/models/gpt-4", timeout=10)
+    assert unknown.value.code == 404
+    server.close()
 
 
 def test_chat_on_a_model_without_a_chat_template_is_a_400(text_server):
