@@ -82,6 +82,10 @@ def check_args(args) -> None:
 # --- the engine thread ------------------------------------------------------------------------
 
 
+class EngineStopped(RuntimeError):
+    """The engine thread is no longer running (the server answers 503)."""
+
+
 class EngineLoop(threading.Thread):
     """Owns the Engine: takes submissions and cancellations from the connection threads,
     steps the engine while it has work, and posts each request's progress to its queue."""
@@ -100,7 +104,13 @@ class EngineLoop(threading.Thread):
         ids, and one queue of updates for all of them. RequestError if refused."""
         reply: queue.Queue = queue.Queue(maxsize=1)
         self.inbox.put(("submit", (prompt_ids, params, n), reply))
-        result = reply.get()
+        while True:
+            try:
+                result = reply.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if not self.is_alive():  # (stopped, or crashed: nobody will ever answer)
+                    raise EngineStopped("the engine has stopped; the server cannot take requests") from None
         if isinstance(result, BaseException):
             raise result
         return result
@@ -162,7 +172,8 @@ class EngineLoop(threading.Thread):
 
 
 class BadRequest(Exception):
-    """A 4xx: the message, the offending field (or None), the status."""
+    """An error answer: the message, the offending field (or None), the status (a 4xx; a 503
+    when the engine has stopped)."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
         super().__init__(message)
@@ -304,6 +315,8 @@ class Handler(BaseHTTPRequestHandler):
                 request_ids, updates = self.app.loop.submit(prompt, params, choices_wanted(body))
             except RequestError as error:
                 raise BadRequest(" ".join(str(error).split()), "prompt") from None
+            except EngineStopped as error:
+                raise BadRequest(str(error), status=503) from None
         except BadRequest as error:
             return self.send_error_json(error)
         answer = StreamAnswer(self, request_ids, updates, chat, usage) if stream else WholeAnswer(

@@ -286,7 +286,7 @@ def test_a_body_over_the_limit_is_413_and_unknown_routes_404(text_server, monkey
     assert post(text_server.url, {"prompt": "to be", "max_tokens": 2})[0] == 200
 
 
-def test_health_is_200_while_the_engine_runs_and_503_after(text_server):
+def test_health_is_200_while_the_engine_runs_and_503_after_as_are_requests(text_server):
     needs_cpu()
     server = Running(CharTokenizer(TEXT), "short-lived")
     with urllib.request.urlopen(server.url + "/health", timeout=10) as response:
@@ -296,6 +296,8 @@ def test_health_is_200_while_the_engine_runs_and_503_after(text_server):
     with pytest.raises(urllib.error.HTTPError) as down:
         urllib.request.urlopen(server.url + "/health", timeout=10)
     assert down.value.code == 503
+    status, error = post(server.url, {"prompt": "to be", "max_tokens": 2})  # answered, not left waiting
+    assert status == 503 and "engine has stopped" in error["error"]["message"]
     with pytest.raises(urllib.error.HTTPError) as unknown:  # another model's id
         urllib.request.urlopen(text_server.url + "/v1/models/gpt-4", timeout=10)
     assert unknown.value.code == 404
