@@ -8,11 +8,12 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (a checkpoint fine-tu
 a chat template: train.py --stage sft), GET /v1/models (and /v1/models/ID), GET /health
 (200 while the engine thread runs, else 503). "stream": true sends server-sent
 events ("stream_options": {"include_usage": true} adds the token counts at the end); chat
-takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages.
+takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages;
+"logprobs" returns each token's log-probability (and the likeliest alternatives).
 Any OpenAI client works: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 
-One engine thread runs model/serving.py's Engine: requests from all connections join its
-running batch between steps (continuous batching). Each connection has its own thread
+One engine thread (model/engine_thread.py) runs model/serving.py's Engine: requests from
+all connections join its running batch between steps (continuous batching). Each connection has its own thread
 (the standard library's ThreadingHTTPServer), which hands its request to the engine
 thread and waits for the tokens. A bad request gets a 4xx with an OpenAI-style error
 body; a client that disconnects cancels its request; Ctrl-C or SIGTERM stops cleanly.
@@ -21,6 +22,7 @@ Binds 127.0.0.1 unless --host says otherwise.
 import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
 
+import itertools
 import json
 import queue
 import select
@@ -34,7 +36,8 @@ from typing import Any
 
 from model.chat import ChatTokenizer, check_messages, render
 from model.cli import HelpFormatter, OneLineParser, UserError, report
-from model.serving import Engine, RequestError
+from model.engine_thread import EngineLoop, EngineStopped
+from model.serving import MAX_LOGPROBS, Engine, RequestError
 from tinygrad_lite import backend, cpu, ops_tier
 from tinygrad_lite.functional import DEFAULT_TIER, TIERS
 
@@ -43,9 +46,8 @@ MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_CHOICES = 16  # "n": completions of one prompt, each its own engine request (sharing the prompt's pages)
 # OpenAI fields this server does not implement, and the values that ask for nothing (what
 # clients send by default): any other value is a 400, not an answer that silently ignores it
-UNSUPPORTED = {"logprobs": (False,), "top_logprobs": (0,), "echo": (False,), "best_of": (1,), "suffix": ("",),
-               "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,), "tools": ([],),
-               "functions": ([],)}
+UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
+               "frequency_penalty": (0,), "tools": ([],), "functions": ([],)}
 
 
 def parse_args(argv=None):
@@ -77,95 +79,6 @@ def check_args(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-
-
-# --- the engine thread ------------------------------------------------------------------------
-
-
-class EngineStopped(RuntimeError):
-    """The engine thread is no longer running (the server answers 503)."""
-
-
-class EngineLoop(threading.Thread):
-    """Owns the Engine: takes submissions and cancellations from the connection threads,
-    steps the engine while it has work, and posts each request's progress to its queue."""
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(name="engine", daemon=True)
-        self.engine = engine
-        self.inbox: queue.Queue = queue.Queue()
-        self.outboxes: dict[int, queue.Queue] = {}
-        self.sent: dict[int, int] = {}  # characters of each request's text already posted
-        self.stopping = threading.Event()
-        self.error: BaseException | None = None
-
-    def submit(self, prompt_ids: list[int], params: dict, n: int = 1) -> tuple[list[int], queue.Queue]:
-        """Hand n requests for one prompt to the engine (a seed gives the i-th seed + i); their
-        ids, and one queue of updates for all of them. RequestError if refused."""
-        reply: queue.Queue = queue.Queue(maxsize=1)
-        self.inbox.put(("submit", (prompt_ids, params, n), reply))
-        while True:
-            try:
-                result = reply.get(timeout=0.5)
-                break
-            except queue.Empty:
-                if not self.is_alive():  # (stopped, or crashed: nobody will ever answer)
-                    raise EngineStopped("the engine has stopped; the server cannot take requests") from None
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def cancel(self, request_ids: list[int]) -> None:
-        self.inbox.put(("cancel", request_ids, None))
-
-    def run(self) -> None:
-        try:
-            while not self.stopping.is_set():
-                self._take_commands(wait=not self.engine.has_work())
-                if self.engine.has_work():
-                    for request_id, ids in self.engine.step().items():
-                        self._post(request_id, ids)
-        except BaseException as error:  # a bug: every waiting connection gets a 500
-            self.error = error
-            for outbox in self.outboxes.values():
-                outbox.put({"error": repr(error)})
-            raise
-
-    def _take_commands(self, wait: bool) -> None:
-        try:
-            command = self.inbox.get(timeout=0.05) if wait else self.inbox.get_nowait()
-            while True:
-                kind, payload, reply = command
-                if kind == "submit":
-                    prompt_ids, params, n = payload
-                    seed = params["seed"]
-                    try:  # (the same settings n times: the first is refused, or none is)
-                        ids = [self.engine.submit(prompt_ids, **{**params, "seed": None if seed is None else seed + i})
-                               for i in range(n)]
-                    except RequestError as error:
-                        reply.put(error)
-                    else:
-                        outbox = queue.Queue()
-                        for request_id in ids:
-                            self.outboxes[request_id], self.sent[request_id] = outbox, 0
-                        reply.put((ids, outbox))
-                elif kind == "cancel":
-                    for request_id in payload:
-                        self.engine.cancel(request_id)
-                command = self.inbox.get_nowait()
-        except queue.Empty:
-            pass
-
-    def _post(self, request_id: int, ids: list[int]) -> None:
-        request = self.engine.request(request_id)
-        text, self.sent[request_id] = request.text[self.sent[request_id]:], len(request.text)
-        update = {"id": request_id, "text": text, "ids": ids, "finish_reason": request.finish_reason}
-        if request.done:
-            update.update(prompt_tokens=len(request.prompt), completion_tokens=len(request.output))
-            del self.engine.requests[request_id], self.sent[request_id]  # the server forgets it
-            self.outboxes.pop(request_id).put(update)
-        else:
-            self.outboxes[request_id].put(update)
 
 
 # --- requests: reading and checking the OpenAI fields ----------------------------------------------
@@ -207,6 +120,17 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> 
     limit = "max_tokens"
     if chat and body.get("max_completion_tokens") is not None:  # the chat API's newer name for max_tokens
         limit = "max_completion_tokens"
+    top = f"in 0..{MAX_LOGPROBS}"
+    if chat:  # "logprobs": true, and how many alternatives ("top_logprobs")
+        alternatives = _field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, top)
+        if not _field(body, "logprobs", (bool,), False):
+            if alternatives is not None:
+                raise BadRequest("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
+            logprobs = None
+        else:
+            logprobs = alternatives or 0
+    else:  # "logprobs": how many alternatives (0: the chosen tokens' only)
+        logprobs = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, top)
     top_p = _field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
     stop = _field(body, "stop", (str, list), ())
     stop = [stop] if isinstance(stop, str) else stop
@@ -218,7 +142,7 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> 
         top_p=None if top_p == 1 else float(top_p),
         top_k=_field(body, "top_k", (int,), None, lambda v: v >= 1, ">= 1"),
         seed=_field(body, "seed", (int,), None, lambda v: v >= 0, ">= 0"),
-        stop=tuple(stop))
+        stop=tuple(stop), logprobs=logprobs)
 
 
 def include_usage(body: dict, stream: bool) -> bool:
@@ -243,6 +167,22 @@ class App:
     def next_id(self, prefix: str) -> str:
         with self._lock:
             return f"{prefix}-{next(self._ids)}"
+
+    def logprobs_json(self, entries: list, chat: bool, offset: int = 0) -> dict:
+        """Tokens' log-probabilities (the engine's (id, log p, alternatives) entries) as OpenAI
+        sends them: chat's {"content": [...]}, or the completions API's parallel lists, whose
+        text_offset counts characters of the answer from `offset`."""
+        def text(token: int) -> str:
+            return self.tokenizer.decode([token])
+        if chat:
+            def item(token: int, log_p: float) -> dict:
+                return {"token": text(token), "logprob": log_p, "bytes": list(text(token).encode())}
+            return {"content": [{**item(token, log_p), "top_logprobs": [item(*alt) for alt in top]}
+                                for token, log_p, top in entries]}
+        tokens = [text(token) for token, _, _ in entries]
+        return {"tokens": tokens, "token_logprobs": [log_p for _, log_p, _ in entries],
+                "top_logprobs": [{text(alt): log_p for alt, log_p in top} for _, _, top in entries],
+                "text_offset": list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1]}
 
     def completion_prompt(self, body: dict) -> list[int]:
         prompt = body.get("prompt")
@@ -409,7 +349,10 @@ class WholeAnswer:
             return  # the client left
         choices = []
         for i, request_id in enumerate(self.request_ids):
-            choice = {"index": i, "finish_reason": self.last[request_id]["finish_reason"], "logprobs": None}
+            last = self.last[request_id]
+            choice = {"index": i, "finish_reason": last["finish_reason"], "logprobs": None}
+            if "result_logprobs" in last:
+                choice["logprobs"] = self.app.logprobs_json(last["result_logprobs"], self.chat)
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": "".join(texts[i])}
             else:
@@ -424,12 +367,15 @@ class WholeAnswer:
 class StreamAnswer(WholeAnswer):
     """Send each piece of text as it comes, as server-sent events (a choice's index in each),
     then `data: [DONE]`. With include_usage, every chunk has "usage": null and one more
-    chunk, with no choices, brings the token counts before [DONE] (as OpenAI's stream_options)."""
+    chunk, with no choices, brings the token counts before [DONE] (as OpenAI's stream_options).
+    Asked for, each token's log-probability comes in the chunk of the step that made it
+    (a stop string's own tokens too: the text that holds them back cannot call them back)."""
 
     def __init__(self, handler: Handler, request_ids: list[int], updates: queue.Queue, chat: bool,
                  include_usage: bool = False) -> None:
         super().__init__(handler, request_ids, updates, chat)
         self.include_usage = include_usage
+        self.offsets = [0] * len(request_ids)  # each choice's characters of token text so far (text_offset)
 
     def run(self) -> None:
         h = self.handler
@@ -447,10 +393,12 @@ class StreamAnswer(WholeAnswer):
             for i, update in self.updates_until_done():
                 if "error" in update:
                     return self.send_event({"error": {"message": update["error"], "type": "server_error"}})
+                entries = update.get("logprobs")
                 if update["text"] or update["finish_reason"] is None:
-                    self.send(i, {"content": update["text"]} if self.chat else update["text"], None)
+                    self.send(i, {"content": update["text"]} if self.chat else update["text"], None, entries)
+                    entries = None
                 if update["finish_reason"] is not None:
-                    self.send(i, {} if self.chat else "", update["finish_reason"])
+                    self.send(i, {} if self.chat else "", update["finish_reason"], entries)
             if len(self.last) < len(self.request_ids):
                 return  # the client left
             if self.include_usage:
@@ -460,9 +408,12 @@ class StreamAnswer(WholeAnswer):
         except (BrokenPipeError, ConnectionResetError):  # the client left mid-stream
             self.app.loop.cancel(self.request_ids)
 
-    def send(self, index: int, piece: Any, finish_reason: str | None) -> None:
+    def send(self, index: int, piece: Any, finish_reason: str | None, entries: list | None = None) -> None:
         choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
         choice["delta" if self.chat else "text"] = piece
+        if entries:
+            choice["logprobs"] = self.app.logprobs_json(entries, self.chat, self.offsets[index])
+            self.offsets[index] += 0 if self.chat else sum(len(t) for t in choice["logprobs"]["tokens"])
         self.send_chunk([choice])
 
     def send_chunk(self, choices: list, usage: dict | None = None) -> None:

@@ -53,6 +53,18 @@ def softmax(logits: Any) -> Any:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def token_log_prob(logits: Any, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """How sure the model was: log p(token) from one row of logits (V,), and the `top`
+    most likely ids with their log-probabilities, most likely first. From the raw logits
+    (before temperature, top-k and top-p), as OpenAI and vLLM report them by default.
+    log p_i = z_i - log sum_j exp(z_j), in float64 on the host."""
+    z = backend.to_numpy(_array(logits)).astype("float64")
+    shifted = z - z.max()
+    log_p = shifted - backend.numpy.log(backend.numpy.exp(shifted).sum())
+    best = backend.numpy.argsort(-log_p, kind="stable")[:top]  # (ties: the lower id first)
+    return float(log_p[token]), [(int(i), float(log_p[i])) for i in best]
+
+
 def top_k_filter(logits: Any, k: int) -> Any:
     """Keep each row's k largest logits, set the others to -inf. (..., V) -> (..., V).
 

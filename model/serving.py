@@ -37,7 +37,9 @@ from tinygrad_lite import backend, no_grad
 from .generate import TextFollower, _check_stops
 from .paged_batch import PagedBatch
 from .paged_kv_cache import PagedKVCache, page_key
-from .sampling import Sampler
+from .sampling import Sampler, token_log_prob
+
+MAX_LOGPROBS = 20  # alternatives a request may ask to see beside each token (as vLLM's default limit)
 
 
 class RequestError(ValueError):
@@ -66,6 +68,8 @@ class Request:
     admissions: int = 0  # times it entered the running batch (a preempted one comes back)
     sequence: int = -1  # names what its pages hold while it runs (PagedBatch's sequence id): new at each admission
     text: str = ""  # the text so far, without a stop string (with a tokenizer)
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: don't)
+    token_logprobs: list = field(default_factory=list)  # per output token: (id, log p, [(id, log p) x logprobs])
     tokens: list[int] = field(init=False)  # prompt + output, kept as one list (read every step)
 
     def __post_init__(self) -> None:
@@ -78,6 +82,10 @@ class Request:
     def result(self) -> list[int]:
         """The generated ids, without the stop string's."""
         return self.follower.kept_ids() if self.follower is not None and self.follower.stopped else list(self.output)
+
+    def result_logprobs(self) -> list:
+        """token_logprobs of the ids result() returns."""
+        return self.token_logprobs[:len(self.result())]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -109,7 +117,8 @@ class Engine:
 
     Engine(model, max_batch_size, page_size, num_blocks, tokenizer=None):
       - submit(prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-        seed=None, stop=()) -> request id;
+        seed=None, stop=(), logprobs=None) -> request id (logprobs=k: record each token's
+        log-probability and its k most likely alternatives, in request(id).token_logprobs);
       - step() -> {request id: [ids emitted this step]}; run() -> {request id: ids};
       - cancel(id); request(id) (timings, finish reason); free_blocks, num_blocks,
         prefix_hits (pages reused), prefix_hit_tokens (prompt tokens not recomputed).
@@ -166,7 +175,7 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: Sequence[str] = ()) -> int:
+               stop: Sequence[str] = (), logprobs: int | None = None) -> int:
         """Queue a request; returns its id. Refused (RequestError) when it cannot be served."""
         prompt = [int(t) for t in prompt_ids]
         block_size, vocab = self.model.config.block_size, self.model.config.vocab_size
@@ -189,8 +198,11 @@ class Engine:
             raise RequestError(str(error)) from None
         if stops and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer (Engine(..., tokenizer=...))")
+        if logprobs is not None and (type(logprobs) is not int or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise RequestError(f"logprobs must be an integer in 0..{MAX_LOGPROBS} (or None), got {logprobs!r}")
         follower = TextFollower(self.tokenizer.decode, stops) if self.tokenizer is not None else None
-        request = Request(next(self._ids), prompt, max_new_tokens, sampler, follower, queued=time.perf_counter())
+        request = Request(next(self._ids), prompt, max_new_tokens, sampler, follower, queued=time.perf_counter(),
+                          logprobs=logprobs)
         self.requests[request.id] = request
         self.waiting.append(request)
         return request.id
@@ -229,6 +241,8 @@ class Engine:
             now = time.perf_counter()
             for i, request in enumerate(due):
                 token = greedy[i] if request.sampler.temperature == 0 else request.sampler(logits[i:i + 1])[0]
+                if request.logprobs is not None:
+                    request.token_logprobs.append((token, *token_log_prob(logits[i], token, request.logprobs)))
                 emitted[request.id] = [token]
                 self._append(request, token, now)
         if not self.running:  # idle (finished or cancelled): the pages take the full pages only copies held

@@ -21,6 +21,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -193,13 +194,65 @@ def test_n_choices_are_n_requests_that_share_the_prompts_pages(text_server):
     assert texts == [c.text for c in answer.choices]
 
 
+def test_logprobs_are_the_models_own_for_each_token_whole_and_streamed(text_server):
+    needs_cpu()
+    from openai import OpenAI
+
+    from model.generate import generate_with_logits
+    client = OpenAI(base_url=text_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    answer = client.completions.create(model="tiny-char", prompt="to be or", max_tokens=6, temperature=0, logprobs=2)
+    text, got = answer.choices[0].text, answer.choices[0].logprobs
+    assert "".join(got.tokens) == text and got.text_offset == list(range(6))  # (one character a token)
+    logits = generate_with_logits(text_server.model, [text_server.tokenizer.encode("to be or")], 6)[1][0]
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (6, V): log-softmax of what each token was chosen from
+    want = [log_p[i, t] for i, t in enumerate(text_server.tokenizer.encode(text))]
+    np.testing.assert_allclose(got.token_logprobs, want, rtol=1e-5, atol=1e-6)
+    for token, log_prob, top in zip(got.tokens, got.token_logprobs, got.top_logprobs):
+        assert len(top) == 2 and next(iter(top)) == token and top[token] == log_prob  # greedy: the most likely
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model="tiny-char", prompt="to be or", max_tokens=6, temperature=0, logprobs=2, stream=True)
+        if c.choices[0].logprobs is not None]
+    assert [t for s in streamed for t in s.tokens] == got.tokens
+    assert [lp for s in streamed for lp in s.token_logprobs] == got.token_logprobs
+    assert [o for s in streamed for o in s.text_offset] == got.text_offset
+
+
+def test_chat_logprobs_cover_the_reply_not_the_end_of_turn(chat_server):
+    needs_cpu()
+    from openai import OpenAI
+    client = OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    answer = client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    content = answer.choices[0].logprobs.content
+    assert "".join(item.token for item in content) == answer.choices[0].message.content
+    assert all(len(item.top_logprobs) == 3 and item.bytes == list(item.token.encode()) for item in content)
+    status, error = post(chat_server.url, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+                         path="/v1/chat/completions")
+    assert status == 400 and error["error"]["param"] == "top_logprobs"
+
+    class EndsAtAssistant(ChatTokenizer):  # this random model's first greedy token ends the turn
+        end_of_turn = property(lambda self: self.special("<|assistant|>"))
+    ending = Running(EndsAtAssistant(CharTokenizer(TEXT)), "tiny-chat")
+    try:
+        status, answer = post(ending.url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                                           "temperature": 0, "logprobs": True}, path="/v1/chat/completions")
+    finally:
+        ending.close()
+    choice = answer["choices"][0]
+    assert choice["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] == 1
+    assert choice["message"]["content"] == "" and choice["logprobs"]["content"] == []  # <|end|> is not the reply's
+
+
 def test_a_completion_stops_at_a_stop_string(text_server):
     needs_cpu()
     full = greedy_text(text_server, "to be or", 20)
     stop = full[6:8]
-    status, body = post(text_server.url, {"prompt": "to be or", "max_tokens": 20, "temperature": 0, "stop": stop})
+    status, body = post(text_server.url, {"prompt": "to be or", "max_tokens": 20, "temperature": 0, "stop": stop,
+                                          "logprobs": 0})
     assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
     assert body["choices"][0]["text"] == full[:full.index(stop)]
+    assert "".join(body["choices"][0]["logprobs"]["tokens"]) == body["choices"][0]["text"]  # (not the stop's tokens)
 
 
 # --- bad requests: a 4xx each, and the server goes on ------------------------------------------
@@ -224,7 +277,8 @@ def test_a_completion_stops_at_a_stop_string(text_server):
     ({"prompt": "to be", "n": 0}, None, 400, "n"),
     ({"prompt": "to be", "n": 17}, None, 400, "n"),
     ({"prompt": "to be", "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop"),
-    ({"prompt": "to be", "logprobs": 0}, None, 400, "logprobs"),  # asks for the chosen tokens' log-probabilities
+    ({"prompt": "to be", "logprobs": 21}, None, 400, "logprobs"),
+    ({"prompt": "to be", "logprobs": True}, None, 400, "logprobs"),  # (the completions API's is a number)
     ({"prompt": "to be", "presence_penalty": 0.5}, None, 400, "presence_penalty"),  # not implemented: not ignored
 ])
 def test_each_bad_request_gets_its_4xx_and_the_server_stays_up(text_server, body, raw, status, param):

@@ -695,6 +695,36 @@ def test_timings_are_in_order():
     assert r.queued <= r.first_token <= r.finished
 
 
+# --- log-probabilities ----------------------------------------------------------------------
+
+
+def test_each_tokens_log_probability_is_the_log_softmax_of_generates_logits():
+    from model.generate import generate_with_logits
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=32)
+    given = prompts([5, 9, 3])
+    ids = [engine.submit(p, 6, temperature=0, logprobs=k) for p, k in zip(given, (3, 0, None))]
+    sampled = engine.submit(given[0], 6, temperature=1.0, seed=2, logprobs=2)
+    engine.run()
+    for rid, p, k in zip(ids, given, (3, 0, None)):
+        request = engine.request(rid)
+        if k is None:
+            assert request.token_logprobs == []
+            continue
+        logits = generate_with_logits(model, [p], 6)[1][0].astype(np.float64)  # (6, V): what each token was chosen from
+        log_p = logits - logits.max(-1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+        assert [token for token, _, _ in request.token_logprobs] == request.output
+        for step, (token, lp, top) in enumerate(request.token_logprobs):
+            np.testing.assert_allclose(lp, log_p[step, token], rtol=1e-5, atol=1e-6)
+            assert len(top) == k and [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+            if k:  # greedy: the chosen token is the most likely one
+                assert top[0][0] == token and top[0][1] == lp
+                np.testing.assert_allclose([lp for _, lp in top], np.sort(log_p[step])[::-1][:k], rtol=1e-5, atol=1e-6)
+    drawn = engine.request(sampled).token_logprobs
+    assert len(drawn) == 6 and all(lp <= 0 and len(top) == 2 for _, lp, top in drawn)
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 
@@ -706,6 +736,8 @@ def test_timings_are_in_order():
     (dict(prompt_ids=[1], max_new_tokens=2, temperature=-1), "temperature"),
     (dict(prompt_ids=[1], max_new_tokens=2, top_p=1.5), "top_p"),
     (dict(prompt_ids=[1], max_new_tokens=2, seed=-1), "seed must be an integer >= 0"),
+    (dict(prompt_ids=[1], max_new_tokens=2, logprobs=21), "logprobs must be an integer in 0..20"),
+    (dict(prompt_ids=[1], max_new_tokens=2, logprobs=True), "logprobs must be an integer"),
     (dict(prompt_ids=[1], max_new_tokens=2, stop=["x"]), "tokenizer"),
 ])
 def test_requests_the_engine_cannot_serve_are_refused_with_one_line(kwargs, message):
