@@ -295,7 +295,8 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text("abrolecnt", max_size=7), inner, max_size=3),
     max_leaves=6)
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-          "n", "stream", "stream_options", "logprobs", "echo", "presence_penalty", "model", "user", "suffix"]
+          "n", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "presence_penalty", "model", "user",
+          "suffix"]
 MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "bob", 3]),
                                            "content": st.text("ab c", max_size=8) | st.integers()}), max_size=3)
 
