@@ -259,7 +259,9 @@ class Engine:
             if request in preempted:  # preempted below, to make room for an older one
                 continue
             n = min(len(request.tokens) - request.num_cached, budget)
-            if n == 0:  # an older sequence's prefill chunk took the whole budget: next step
+            # NOTE: n is never 0 as things are scheduled (a chunk that leaves a prompt unfinished
+            # takes the whole budget, so nobody newer is admitted while a prompt is mid-way)
+            if n == 0:  # (a guard: no budget left for it, it waits a step)
                 continue
             while not self._reserve(request, n):
                 victim = self.running[-1]  # the newest

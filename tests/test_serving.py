@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import tinygrad_lite
+from tinygrad_lite import backend
 from model.chat import ChatTokenizer
 from model.generate import generate
 from model.gpt import GPT, GPTConfig
@@ -659,6 +660,18 @@ def test_stop_strings_end_a_request_before_the_string():
     assert tokenizer.decode(ids) == request.text == full[:full.index(stop)]
 
 
+def test_text_held_back_for_a_possible_stop_string_comes_out_when_the_request_ends():
+    tokenizer = CharTokenizer(TEXT)
+    model = tiny_gpt()
+    p = tokenizer.encode("hello")
+    full = tokenizer.decode(alone(model, p, 6))
+    engine = Engine(model, max_batch_size=2, page_size=4, num_blocks=16, tokenizer=tokenizer)
+    rid = engine.submit(p, 6, temperature=0, stop=[full[-1] + "!?"])  # its last character could start the stop string
+    engine.run()
+    request = engine.request(rid)
+    assert request.finish_reason == "length" and request.text == full == tokenizer.decode(request.result())
+
+
 def test_the_end_of_turn_token_of_a_chat_tokenizer_ends_a_request():
     chat = ChatTokenizer(CharTokenizer(TEXT))
     model = tiny_gpt(vocab_size=chat.vocab_size)
@@ -693,6 +706,30 @@ def test_timings_are_in_order():
     engine.run()
     r = engine.request(rid)
     assert r.queued <= r.first_token <= r.finished
+
+
+# --- settings at their edges -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["pages of one token", "a pool of one page", "one layer", "dropout, left training"])
+def test_settings_at_their_edges_still_give_generates_outputs(case):
+    model = tiny_gpt(**{"one layer": {"n_layer": 1}, "dropout, left training": {"dropout": 0.5}}.get(case, {}))
+    model.train()  # (the engine puts it in eval mode, as generate() does)
+    page, blocks, n, lengths = {"pages of one token": (1, 64, 5, [3, 6, 4]), "a pool of one page": (4, 1, 2, [2, 1])}.get(
+        case, (4, 32, 5, [3, 6, 4]))  # (three requests, two at a time: the third joins a slab in use)
+    engine = Engine(model, max_batch_size=2, page_size=page, num_blocks=blocks)
+    wanted = {engine.submit(p, n, temperature=0): p for p in prompts(lengths)}
+    results = engine.run()
+    assert all(results[rid] == alone(model, p, n) for rid, p in wanted.items())
+    assert engine.preemptions == 0  # (one page: the second request waits for it, it does not preempt)
+    assert_pool_is_empty(engine)
+
+
+def test_the_paged_cache_lives_on_the_device_it_is_given():
+    from model.paged_kv_cache import PagedKVCache
+    other = "strict" if backend.default_device() == "cpu" else "cpu"
+    assert PagedKVCache(2, 4, 4, 2, 8, device=other).device == other
+    assert PagedKVCache(2, 4, 4, 2, 8).device == backend.default_device()
 
 
 # --- log-probabilities ----------------------------------------------------------------------
@@ -768,12 +805,13 @@ def test_latency_summary_gives_throughput_and_numpy_percentiles_of_ttft_and_tpot
             assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
     model = tiny_gpt()
     engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=32)
-    rids = [engine.submit(p, n, temperature=0) for p, n in zip(prompts([3, 5, 4]), (1, 4, 6))]
+    rids = [engine.submit(p, n, temperature=0) for p, n in zip(prompts([3, 5, 4, 2]), (1, 4, 6, 2))]
     engine.run()
     requests = [engine.request(rid) for rid in rids]
     got = latency_summary(requests, 2.0)
-    assert got["generated_tokens"] == 11 and got["tokens_per_s"] == 5.5
+    assert got["generated_tokens"] == 13 and got["tokens_per_s"] == 6.5
     ttft = [1000 * (r.first_token - r.queued) for r in requests]
     tpot = [1000 * (r.finished - r.first_token) / (len(r.output) - 1) for r in requests[1:]]  # (one token: none)
-    assert got["ttft_ms_p50"] == pytest.approx(float(np.median(ttft)))
-    assert got["tpot_ms_p99"] == pytest.approx(float(np.percentile(tpot, 99)))
+    for name, values in (("ttft", ttft), ("tpot", tpot)):
+        for q in (50, 99):
+            assert got[f"{name}_ms_p{q}"] == pytest.approx(float(np.percentile(values, q))), (name, q)
