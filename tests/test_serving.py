@@ -384,6 +384,22 @@ def test_prompts_that_arrive_together_take_slots_by_length_not_in_the_rows_order
     assert_pool_is_empty(engine)
 
 
+def test_buckets_let_a_prompt_join_while_the_padding_it_adds_stays_within_pad_pairs(monkeypatch):
+    # the rule itself: a prompt joins the group of the shorter ones before it while the
+    # (query, key) pairs its padding adds, sum over members b of (n - b.n) (start + (n + b.n) / 2),
+    # are at most PAD_PAIRS; each group then in the row's order
+    from model import packed_row
+    from model.packed_row import Segment, buckets
+
+    def seg(n: int, column: int) -> Segment:
+        return Segment(sequence=column, table=[], start=0, n=n, limit=128, due=True, column=column)
+    long, one, longer = seg(100, 0), seg(1, 100), seg(101, 101)
+    monkeypatch.setattr(packed_row, "PAD_PAIRS", 99 * 50.5)  # what 100 adds to [1]: exactly the limit, it joins
+    assert buckets([long, one, longer], 0) == [[long, one], [longer]]  # 101 would add 100 * 51 + 1 * 100.5
+    monkeypatch.setattr(packed_row, "PAD_PAIRS", 0)
+    assert buckets([seg(5, 0), seg(5, 5)], 0) == [[seg(5, 0), seg(5, 5)]]  # alike lengths pad nothing
+
+
 @pytest.mark.parametrize("pad_pairs, groups", [(None, 1), (100, 2), (0, 5)])
 def test_prompts_of_different_lengths_prefill_right_padded_in_few_attention_calls(pad_pairs, groups, monkeypatch):
     # prompts that start together pad to the longest of their group: under the causal mask
