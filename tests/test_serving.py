@@ -647,15 +647,19 @@ def test_random_workloads_give_every_request_what_generate_gives_it_alone(seed):
     assert_pool_is_empty(engine)
 
 
-def test_a_long_prompt_is_prefilled_in_chunks_within_the_step_budget():
+def test_a_long_prompt_is_prefilled_in_chunks_within_the_step_budget(monkeypatch):
+    from model.paged_batch import PagedBatch
     model = tiny_gpt()
     engine = Engine(model, max_batch_size=2, page_size=4, num_blocks=32, max_step_tokens=8)
     p = prompts([30])[0]
     rid = engine.submit(p, 5, temperature=0)
+    gathered = []  # a chunk's copy grows from the last chunk's: nothing is gathered from the pages again
+    gather = PagedBatch.gathered_afresh
+    monkeypatch.setattr(PagedBatch, "gathered_afresh", lambda self, *a: gathered.append(a) or gather(self, *a))
     steps = 0
     while not engine.step():
         steps += 1
-    assert steps == 3  # 8 + 8 + 8 tokens without output, then the last 6 and a token
+    assert steps == 3 and gathered == []  # 8 + 8 + 8 tokens without output, then the last 6 and a token
     assert engine.run()[rid] == alone(model, p, 5)
 
 
