@@ -176,7 +176,8 @@ class App:
             return self.tokenizer.decode([token])
         if chat:
             def item(token: int, log_p: float) -> dict:
-                return {"token": text(token), "logprob": log_p, "bytes": list(text(token).encode())}
+                piece = text(token)
+                return {"token": piece, "logprob": log_p, "bytes": list(piece.encode())}
             return {"content": [{**item(token, log_p), "top_logprobs": [item(*alt) for alt in top]}
                                 for token, log_p, top in entries]}
         tokens = [text(token) for token, _, _ in entries]

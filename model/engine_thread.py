@@ -93,7 +93,7 @@ class EngineLoop(threading.Thread):
         request = self.engine.request(request_id)
         text, self.sent[request_id] = request.text[self.sent[request_id]:], len(request.text)
         update = {"id": request_id, "text": text, "ids": ids, "finish_reason": request.finish_reason}
-        end = getattr(self.engine.tokenizer, "end_of_turn", None)  # (a chat model's <|end|>: not in the text)
+        end = self.engine.end_id  # (a chat model's <|end|>: not in the text)
         if request.logprobs is not None:  # this step's tokens' (a stream sends them as they come)
             update["logprobs"] = [e for e in request.token_logprobs[len(request.token_logprobs) - len(ids):]
                                   if e[0] != end]
