@@ -403,19 +403,21 @@ def test_a_client_that_hangs_up_leaves_no_traceback(text_server, capsys):
     prints a traceback for each) and goes on serving."""
     needs_cpu()
     host, port = text_server.server.server_address[:2]
-    threads = threading.active_count()
+    before = set(threading.enumerate())  # other tests' threads may end meanwhile: watch only ours
     with socket.create_connection((host, port), timeout=30) as client:
         body = json.dumps({"prompt": "to be", "max_tokens": 3}).encode()
         client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         reply = client.recv(65536)
         assert reply.startswith(b"HTTP/1.1 200") and b"Connection: close" not in reply  # kept alive ...
+        handlers = set(threading.enumerate()) - before
+        assert handlers and all(thread.is_alive() for thread in handlers)  # ... by the thread that served it
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     # ... and reset (linger 0), while the server's thread waits for the next request on it
     deadline = time.monotonic() + 10
-    while threading.active_count() > threads and time.monotonic() < deadline:
+    while any(thread.is_alive() for thread in handlers) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert threading.active_count() == threads  # that thread has met the reset and ended
+    assert not any(thread.is_alive() for thread in handlers)  # that thread has met the reset and ended
     status, body = post(text_server.url, {"prompt": "to be", "max_tokens": 3})
     assert status == 200 and len(body["choices"][0]["text"]) == 3
     assert "Traceback" not in capsys.readouterr().err
