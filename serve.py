@@ -14,15 +14,14 @@ Any OpenAI client works: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-"
 
 One engine thread (model/engine_thread.py) runs model/serving.py's Engine: requests from
 all connections join its running batch between steps (continuous batching). Each connection has its own thread
-(the standard library's ThreadingHTTPServer), which hands its request to the engine
-thread and waits for the tokens. A bad request gets a 4xx with an OpenAI-style error
+(the standard library's ThreadingHTTPServer), which reads its request's OpenAI fields
+(model/openai_api.py), hands the request to the engine thread and waits for the tokens. A bad request gets a 4xx with an OpenAI-style error
 body; a client that disconnects cancels its request; Ctrl-C or SIGTERM stops cleanly.
 Binds 127.0.0.1 unless --host says otherwise.
 """
 import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "10")  # before NumPy loads: see tinygrad_lite/cpu.py, knob 1
 
-import itertools
 import json
 import queue
 import select
@@ -34,20 +33,15 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from model.chat import ChatTokenizer, check_messages, render
 from model.cli import HelpFormatter, OneLineParser, UserError, report
 from model.engine_thread import EngineLoop, EngineStopped
-from model.serving import MAX_LOGPROBS, Engine, RequestError
+from model.openai_api import (BadRequest, chat_prompt, choices_wanted, completion_prompt, error_json, field,
+                              include_usage, logprobs_json, sampling_params)
+from model.serving import Engine, RequestError
 from tinygrad_lite import backend, cpu, ops_tier
 from tinygrad_lite.functional import DEFAULT_TIER, TIERS
 
 MAX_BODY_BYTES = 1 << 20  # a request body over 1 MiB is refused (413)
-MAX_STOPS = 4  # stop strings per request, as OpenAI allows
-MAX_CHOICES = 16  # "n": completions of one prompt, each its own engine request (sharing the prompt's pages)
-# OpenAI fields this server does not implement, and the values that ask for nothing (what
-# clients send by default): any other value is a 400, not an answer that silently ignores it
-UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
-               "frequency_penalty": (0,), "tools": ([],), "functions": ([],)}
 
 
 def parse_args(argv=None):
@@ -81,80 +75,6 @@ def check_args(args) -> None:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
 
-# --- requests: reading and checking the OpenAI fields ----------------------------------------------
-
-
-class BadRequest(Exception):
-    """An error answer: the message, the offending field (or None), the status (a 4xx; a 503
-    when the engine has stopped)."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.param, self.status = param, status
-
-
-def _field(body: dict, name: str, kinds: tuple, default: Any = None, check=None, rule: str = "") -> Any:
-    """body[name] if it is one of `kinds` (bool is never a number) and passes `check`."""
-    if name not in body or body[name] is None:
-        return default
-    value = body[name]
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise BadRequest(f"'{name}' must be {names}, got {type(value).__name__}", name)
-    if check is not None and not check(value):
-        raise BadRequest(f"'{name}' must be {rule}, got {value!r}", name)
-    return value
-
-
-def choices_wanted(body: dict) -> int:
-    """"n": how many completions of the prompt (each one a choice of the answer)."""
-    return _field(body, "n", (int,), 1, lambda v: 1 <= v <= MAX_CHOICES, f"in 1..{MAX_CHOICES}")
-
-
-def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> dict:
-    """The engine's submit() settings from the request's OpenAI fields."""
-    for name, nothing in UNSUPPORTED.items():
-        value = body.get(name)
-        if value is not None and not any(value == v and (type(v) is not bool or value is v) for v in nothing):
-            raise BadRequest(f"'{name}' is not supported by this server", name)
-    limit = "max_tokens"
-    if chat and body.get("max_completion_tokens") is not None:  # the chat API's newer name for max_tokens
-        limit = "max_completion_tokens"
-    top = f"in 0..{MAX_LOGPROBS}"
-    if chat:  # "logprobs": true, and how many alternatives ("top_logprobs")
-        alternatives = _field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, top)
-        if not _field(body, "logprobs", (bool,), False):
-            if alternatives is not None:
-                raise BadRequest("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
-            logprobs = None
-        else:
-            logprobs = alternatives or 0
-    else:  # "logprobs": how many alternatives (0: the chosen tokens' only)
-        logprobs = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, top)
-    top_p = _field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "in (0, 1]")
-    stop = _field(body, "stop", (str, list), ())
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOPS} non-empty strings", "stop")
-    return dict(
-        max_new_tokens=_field(body, limit, (int,), default_max_tokens, lambda v: v >= 1, ">= 1"),
-        temperature=float(_field(body, "temperature", (int, float), 1.0, lambda v: v >= 0, ">= 0")),
-        top_p=None if top_p == 1 else float(top_p),
-        top_k=_field(body, "top_k", (int,), None, lambda v: v >= 1, ">= 1"),
-        seed=_field(body, "seed", (int,), None, lambda v: v >= 0, ">= 0"),
-        stop=tuple(stop), logprobs=logprobs)
-
-
-def include_usage(body: dict, stream: bool) -> bool:
-    """Does the stream end with a chunk of token counts ("stream_options": {"include_usage": true})?"""
-    options = _field(body, "stream_options", (dict,), None)
-    if options is None:
-        return False
-    if not stream:
-        raise BadRequest("'stream_options' is only allowed with \"stream\": true", "stream_options")
-    return _field(options, "include_usage", (bool,), False)
-
-
 class App:
     """What the handlers share: the engine thread, the tokenizer, the model's name."""
 
@@ -167,47 +87,6 @@ class App:
     def next_id(self, prefix: str) -> str:
         with self._lock:
             return f"{prefix}-{next(self._ids)}"
-
-    def logprobs_json(self, entries: list, chat: bool, offset: int = 0) -> dict:
-        """Tokens' log-probabilities (the engine's (id, log p, alternatives) entries) as OpenAI
-        sends them: chat's {"content": [...]}, or the completions API's parallel lists, whose
-        text_offset counts characters of the answer from `offset`."""
-        def text(token: int) -> str:
-            return self.tokenizer.decode([token])
-        if chat:
-            def item(token: int, log_p: float) -> dict:
-                piece = text(token)
-                return {"token": piece, "logprob": log_p, "bytes": list(piece.encode())}
-            return {"content": [{**item(token, log_p), "top_logprobs": [item(*alt) for alt in top]}
-                                for token, log_p, top in entries]}
-        tokens = [text(token) for token, _, _ in entries]
-        return {"tokens": tokens, "token_logprobs": [log_p for _, log_p, _ in entries],
-                "top_logprobs": [{text(alt): log_p for alt, log_p in top} for _, _, top in entries],
-                "text_offset": list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1]}
-
-    def completion_prompt(self, body: dict) -> list[int]:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            try:
-                return self.tokenizer.encode(prompt)
-            except ValueError as error:  # e.g. a character outside a char vocabulary
-                raise BadRequest(" ".join(str(error).split()), "prompt") from None
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return prompt
-        raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
-
-    def chat_prompt(self, body: dict) -> list[int]:
-        if not isinstance(self.tokenizer, ChatTokenizer):
-            raise BadRequest(f"the model {self.model_name} has no chat template (fine-tune it with "
-                             "train.py --stage sft); use /v1/completions")
-        try:
-            messages = check_messages(body.get("messages"), "messages")
-            ids, _ = render(self.tokenizer, messages, add_generation_prompt=True)
-        except ValueError as error:
-            raise BadRequest(" ".join(str(error).split()), "messages") from None
-        return ids
 
 
 # --- the HTTP side -------------------------------------------------------------------------------
@@ -247,10 +126,11 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest(f"no route POST {self.path}", status=404)
             body = self.read_json()
             chat = route.endswith("chat/completions")
-            prompt = self.app.chat_prompt(body) if chat else self.app.completion_prompt(body)
+            prompt = chat_prompt(body, self.app.tokenizer, self.app.model_name) if chat else completion_prompt(
+                body, self.app.tokenizer)
             default_max = max(1, self.app.block_size - len(prompt)) if chat else 16  # as OpenAI's defaults
             params = sampling_params(body, default_max, chat)
-            stream = _field(body, "stream", (bool,), False)
+            stream = field(body, "stream", (bool,), False)
             usage = include_usage(body, stream)
             try:
                 request_ids, updates = self.app.loop.submit(prompt, params, choices_wanted(body))
@@ -293,9 +173,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def send_error_json(self, error: BadRequest) -> None:
-        kind = "invalid_request_error" if error.status < 500 else "server_error"
-        self.send_json(error.status, {"error": {"message": str(error), "type": kind, "param": error.param,
-                                                "code": None}})
+        self.send_json(error.status, error_json(str(error), error.param, error.status))
 
     def client_gone(self) -> bool:
         """True once the client has closed its end (readable, with nothing to read)."""
@@ -353,7 +231,7 @@ class WholeAnswer:
             last = self.last[request_id]
             choice = {"index": i, "finish_reason": last["finish_reason"], "logprobs": None}
             if "result_logprobs" in last:
-                choice["logprobs"] = self.app.logprobs_json(last["result_logprobs"], self.chat)
+                choice["logprobs"] = logprobs_json(last["result_logprobs"], self.app.tokenizer.decode, self.chat)
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": "".join(texts[i])}
             else:
@@ -413,7 +291,7 @@ class StreamAnswer(WholeAnswer):
         choice = {"index": index, "finish_reason": finish_reason, "logprobs": None}
         choice["delta" if self.chat else "text"] = piece
         if entries:
-            choice["logprobs"] = self.app.logprobs_json(entries, self.chat, self.offsets[index])
+            choice["logprobs"] = logprobs_json(entries, self.app.tokenizer.decode, self.chat, self.offsets[index])
             self.offsets[index] += 0 if self.chat else sum(len(t) for t in choice["logprobs"]["tokens"])
         self.send_chunk([choice])
 
