@@ -8,15 +8,17 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions (a checkpoint fine-tu
 a chat template: train.py --stage sft), GET /v1/models (and /v1/models/ID), GET /health
 (200 while the engine thread runs, else 503). "stream": true sends server-sent
 events ("stream_options": {"include_usage": true} adds the token counts at the end); chat
-takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages;
-"logprobs" returns each token's log-probability (and the likeliest alternatives).
+takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages, and
+"prompt" may list several prompts (their choices in order, n each); "logprobs" returns
+each token's log-probability (and the likeliest alternatives).
 Any OpenAI client works: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 
 One engine thread (model/engine_thread.py) runs model/serving.py's Engine: requests from
-all connections join its running batch between steps (continuous batching). Each connection has its own thread
-(the standard library's ThreadingHTTPServer), which reads its request's OpenAI fields
-(model/openai_api.py), hands the request to the engine thread and waits for the tokens. A bad request gets a 4xx with an OpenAI-style error
-body; a client that disconnects cancels its request; Ctrl-C or SIGTERM stops cleanly.
+all connections join its running batch between steps (continuous batching). Each
+connection has its own thread (the standard library's ThreadingHTTPServer), which reads
+its request's OpenAI fields (model/openai_api.py), hands the request to the engine thread
+and waits for the tokens. A bad request gets a 4xx with an OpenAI-style error body; a
+client that disconnects cancels its request; Ctrl-C or SIGTERM stops cleanly.
 Binds 127.0.0.1 unless --host says otherwise.
 """
 import os
@@ -35,7 +37,7 @@ from typing import Any
 
 from model.cli import HelpFormatter, OneLineParser, UserError, report
 from model.engine_thread import EngineLoop, EngineStopped
-from model.openai_api import (BadRequest, chat_prompt, choices_wanted, completion_prompt, error_json, field,
+from model.openai_api import (BadRequest, chat_prompt, choices_wanted, completion_prompts, error_json, field,
                               include_usage, logprobs_json, sampling_params)
 from model.serving import Engine, RequestError
 from tinygrad_lite import backend, cpu, ops_tier
@@ -126,22 +128,25 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest(f"no route POST {self.path}", status=404)
             body = self.read_json()
             chat = route.endswith("chat/completions")
-            prompt = chat_prompt(body, self.app.tokenizer, self.app.model_name) if chat else completion_prompt(
-                body, self.app.tokenizer)
-            default_max = max(1, self.app.block_size - len(prompt)) if chat else 16  # as OpenAI's defaults
+            if chat:
+                prompts = [chat_prompt(body, self.app.tokenizer, self.app.model_name)]
+            else:
+                prompts = completion_prompts(body, self.app.tokenizer)
+            default_max = max(1, self.app.block_size - len(prompts[0])) if chat else 16  # as OpenAI's defaults
             params = sampling_params(body, default_max, chat)
             stream = field(body, "stream", (bool,), False)
             usage = include_usage(body, stream)
             try:
-                request_ids, updates = self.app.loop.submit(prompt, params, choices_wanted(body))
+                request_ids, updates = self.app.loop.submit(prompts, params, choices_wanted(body))
             except RequestError as error:
                 raise BadRequest(" ".join(str(error).split()), "prompt") from None
             except EngineStopped as error:
                 raise BadRequest(str(error), status=503) from None
         except BadRequest as error:
             return self.send_error_json(error)
-        answer = StreamAnswer(self, request_ids, updates, chat, usage) if stream else WholeAnswer(
-            self, request_ids, updates, chat)
+        prompt_tokens = sum(len(prompt) for prompt in prompts)  # (each counted once, whatever n)
+        answer = StreamAnswer(self, request_ids, updates, chat, prompt_tokens, usage) if stream else WholeAnswer(
+            self, request_ids, updates, chat, prompt_tokens)
         answer.run()
 
     # --- reading and writing
@@ -188,17 +193,19 @@ class WholeAnswer:
     """Wait for the whole answer (its n choices: one engine request each), then send it as
     one JSON body."""
 
-    def __init__(self, handler: Handler, request_ids: list[int], updates: queue.Queue, chat: bool) -> None:
+    def __init__(self, handler: Handler, request_ids: list[int], updates: queue.Queue, chat: bool,
+                 prompt_tokens: int) -> None:
         self.handler, self.request_ids, self.updates, self.chat = handler, request_ids, updates, chat
+        self.prompt_tokens = prompt_tokens
         self.index = {request_id: i for i, request_id in enumerate(request_ids)}  # request -> its choice
         self.last: dict[int, dict] = {}  # each finished request's last update
         self.app = handler.app
 
     def usage(self) -> dict:
-        """The token counts of the finished choices (the prompt counted once, as OpenAI does)."""
-        prompt = next(iter(self.last.values()))["prompt_tokens"]
+        """The token counts of the finished choices (each prompt counted once, as OpenAI does)."""
         completion = sum(update["completion_tokens"] for update in self.last.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion}
 
     def updates_until_done(self):
         """The engine's updates for these requests until all have finished: (choice index, update),
@@ -251,8 +258,8 @@ class StreamAnswer(WholeAnswer):
     (a stop string's own tokens too: the text that holds them back cannot call them back)."""
 
     def __init__(self, handler: Handler, request_ids: list[int], updates: queue.Queue, chat: bool,
-                 include_usage: bool = False) -> None:
-        super().__init__(handler, request_ids, updates, chat)
+                 prompt_tokens: int, include_usage: bool = False) -> None:
+        super().__init__(handler, request_ids, updates, chat, prompt_tokens)
         self.include_usage = include_usage
         self.offsets = [0] * len(request_ids)  # each choice's characters of token text so far (text_offset)
 

@@ -4,8 +4,8 @@ An Engine is not thread-safe: one thread steps it. Here that thread also owns it
 threads (one per HTTP connection) hand it submissions and cancellations through an inbox
 queue; between steps it takes them in, and after each step it posts every request's
 progress (the new text, the ids, the finish reason, and when asked their
-log-probabilities) to that request's outbox queue, where the connection waits. The n
-choices of one prompt share one outbox.
+log-probabilities) to that request's outbox queue, where the connection waits. The
+requests of one HTTP request (n choices of each of its prompts) share one outbox.
 """
 from __future__ import annotations
 
@@ -32,11 +32,12 @@ class EngineLoop(threading.Thread):
         self.stopping = threading.Event()
         self.error: BaseException | None = None
 
-    def submit(self, prompt_ids: list[int], params: dict, n: int = 1) -> tuple[list[int], queue.Queue]:
-        """Hand n requests for one prompt to the engine (a seed gives the i-th seed + i); their
-        ids, and one queue of updates for all of them. RequestError if refused."""
+    def submit(self, prompts: list[list[int]], params: dict, n: int = 1) -> tuple[list[int], queue.Queue]:
+        """Hand n requests for each prompt to the engine (prompt by prompt; with a seed, the
+        i-th request gets seed + i); their ids, and one queue of updates for all of them.
+        RequestError if any is refused (then none of them runs)."""
         reply: queue.Queue = queue.Queue(maxsize=1)
-        self.inbox.put(("submit", (prompt_ids, params, n), reply))
+        self.inbox.put(("submit", (prompts, params, n), reply))
         while True:
             try:
                 result = reply.get(timeout=0.5)
@@ -70,24 +71,31 @@ class EngineLoop(threading.Thread):
             while True:
                 kind, payload, reply = command
                 if kind == "submit":
-                    prompt_ids, params, n = payload
-                    seed = params["seed"]
-                    try:  # (the same settings n times: the first is refused, or none is)
-                        ids = [self.engine.submit(prompt_ids, **{**params, "seed": None if seed is None else seed + i})
-                               for i in range(n)]
-                    except RequestError as error:
-                        reply.put(error)
-                    else:
-                        outbox = queue.Queue()
-                        for request_id in ids:
-                            self.outboxes[request_id], self.sent[request_id] = outbox, 0
-                        reply.put((ids, outbox))
+                    reply.put(self._submit(*payload))
                 elif kind == "cancel":
                     for request_id in payload:
                         self.engine.cancel(request_id)
                 command = self.inbox.get_nowait()
         except queue.Empty:
             pass
+
+    def _submit(self, prompts: list[list[int]], params: dict, n: int) -> tuple[list[int], queue.Queue] | RequestError:
+        seed, ids = params["seed"], []
+        try:
+            for k, prompt in enumerate(prompts):
+                for _ in range(n):  # (the same settings n times: the first is refused, or none is)
+                    choice_seed = None if seed is None else seed + len(ids)
+                    ids.append(self.engine.submit(prompt, **{**params, "seed": choice_seed}))
+        except RequestError as error:
+            dropped: queue.Queue = queue.Queue()  # the earlier prompts' requests: cancelled before their first step
+            for request_id in ids:
+                self.engine.cancel(request_id)
+                self.outboxes[request_id], self.sent[request_id] = dropped, 0
+            return RequestError(f"prompt {k}: {error}") if len(prompts) > 1 else error
+        outbox: queue.Queue = queue.Queue()
+        for request_id in ids:
+            self.outboxes[request_id], self.sent[request_id] = outbox, 0
+        return ids, outbox
 
     def _post(self, request_id: int, ids: list[int]) -> None:
         request = self.engine.request(request_id)
@@ -98,7 +106,7 @@ class EngineLoop(threading.Thread):
             update["logprobs"] = [e for e in request.token_logprobs[len(request.token_logprobs) - len(ids):]
                                   if e[0] != end]
         if request.done:
-            update.update(prompt_tokens=len(request.prompt), completion_tokens=len(request.output))
+            update["completion_tokens"] = len(request.output)
             if request.logprobs is not None:  # the whole answer's: its text's tokens only (not a stop string's)
                 update["result_logprobs"] = [e for e in request.result_logprobs() if e[0] != end]
             del self.engine.requests[request_id], self.sent[request_id]  # the server forgets it

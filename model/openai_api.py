@@ -1,10 +1,10 @@
 """The OpenAI API's side of serving: a request's fields read and checked, and the pieces of
 its answers shaped as OpenAI's clients expect them. serve.py does the HTTP around them.
 
-A request becomes the engine's submit() settings (`sampling_params`) and a prompt of token
-ids (`completion_prompt`, or `chat_prompt` through the chat template); anything wrong is a
-`BadRequest` that names the offending field, which the server sends as OpenAI's error
-body. Fields this server does not implement are refused unless they ask for nothing, so an
+A request becomes the engine's submit() settings (`sampling_params`) and prompts of token
+ids (`completion_prompts`: one or several; `chat_prompt`: one, through the chat template);
+anything wrong is a `BadRequest` that names the offending field, which the server sends as
+OpenAI's error body. Fields this server does not implement are refused unless they ask for nothing, so an
 answer never silently ignores what a client asked for.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .serving import MAX_LOGPROBS
 
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_CHOICES = 16  # "n": completions of one prompt, each its own engine request (sharing the prompt's pages)
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
 # OpenAI fields this server does not implement, and the values that ask for nothing (what
 # clients send by default): any other value is a 400, not an answer that silently ignores it
 UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
@@ -100,19 +101,31 @@ def include_usage(body: dict, stream: bool) -> bool:
 # --- the prompt -----------------------------------------------------------------------------------
 
 
-def completion_prompt(body: dict, tokenizer: Any) -> list[int]:
-    """/v1/completions' "prompt": a string (or a list of one), or a list of token ids."""
+def completion_prompts(body: dict, tokenizer: Any) -> list[list[int]]:
+    """/v1/completions' "prompt": one prompt (a string, or a list of token ids), or a list of
+    up to MAX_PROMPTS of them, answered in order (prompt i's n choices are choices i n ..
+    i n + n - 1, as OpenAI numbers them)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        try:
-            return tokenizer.encode(prompt)
-        except ValueError as error:  # e.g. a character outside a char vocabulary
-            raise BadRequest(" ".join(str(error).split()), "prompt") from None
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    if isinstance(prompt, str) or _is_ids(prompt):
+        return [_prompt_ids(prompt, tokenizer, "")]
+    if isinstance(prompt, list) and 1 <= len(prompt) <= MAX_PROMPTS and all(
+            isinstance(p, str) or _is_ids(p) for p in prompt):
+        return [_prompt_ids(p, tokenizer, f"prompt {i}: " if len(prompt) > 1 else "") for i, p in enumerate(prompt)]
+    raise BadRequest(f"'prompt' must be a string, a list of token ids, or a list of 1..{MAX_PROMPTS} of either",
+                     "prompt")
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
+def _prompt_ids(prompt: str | list[int], tokenizer: Any, which: str) -> list[int]:
+    if isinstance(prompt, list):
         return prompt
-    raise BadRequest("'prompt' must be a string or a list of token ids", "prompt")
+    try:
+        return tokenizer.encode(prompt)
+    except ValueError as error:  # e.g. a character outside a char vocabulary
+        raise BadRequest(which + " ".join(str(error).split()), "prompt") from None
 
 
 def chat_prompt(body: dict, tokenizer: Any, model_name: str) -> list[int]:

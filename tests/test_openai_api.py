@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 
-from model.openai_api import BadRequest, logprobs_json, sampling_params
+from model.openai_api import BadRequest, completion_prompts, logprobs_json, sampling_params
 from model.serving import Engine
 
 PIECES = {0: "Hello", 1: " wor", 2: "ld", 3: "é"}
@@ -46,3 +46,28 @@ def test_chat_logprobs_give_each_tokens_utf8_bytes():
     shaped = logprobs_json([(3, -0.75, [(0, -2.0)])], decode, chat=True)
     assert shaped == {"content": [{"token": "é", "logprob": -0.75, "bytes": [195, 169],
                                    "top_logprobs": [{"token": "Hello", "logprob": -2.0, "bytes": list(b"Hello")}]}]}
+
+
+class Letters:
+    def encode(self, text):
+        if not text.islower():
+            raise ValueError(f"cannot encode {text!r}")
+        return [ord(c) - ord("a") for c in text]
+
+
+@pytest.mark.parametrize("prompt,ids", [
+    ("ab", [[0, 1]]), ([3, 4], [[3, 4]]), (["ab"], [[0, 1]]), (["ab", [3, 4], "c"], [[0, 1], [3, 4], [2]]),
+])
+def test_one_prompt_or_a_list_of_them(prompt, ids):
+    assert completion_prompts({"prompt": prompt}, Letters()) == ids
+
+
+@pytest.mark.parametrize("prompt,message", [
+    (None, "'prompt' must be"), ([], "'prompt' must be"), ([[]], "'prompt' must be"),
+    ([[1, True]], "'prompt' must be"),  # (a bool is no token id)
+    (["ab", "AB"], "prompt 1: cannot encode"), ("AB", "cannot encode"), (["x"] * 33, "'prompt' must be"),
+])
+def test_a_prompt_that_is_no_prompt_is_refused_naming_it(prompt, message):
+    with pytest.raises(BadRequest) as error:
+        completion_prompts({"prompt": prompt}, Letters())
+    assert error.value.param == "prompt" and str(error.value).startswith(message)

@@ -194,6 +194,44 @@ def test_n_choices_are_n_requests_that_share_the_prompts_pages(text_server):
     assert texts == [c.text for c in answer.choices]
 
 
+def test_several_prompts_are_answered_in_order_n_choices_each(text_server):
+    """OpenAI's completions take a list of prompts: prompt i's n choices are choices i n ..
+    i n + n - 1, and the usage counts each prompt once."""
+    needs_cpu()
+    from openai import OpenAI
+    client = OpenAI(base_url=text_server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    prompts = ["to be", "or not, "]
+    answer = client.completions.create(model="tiny-char", prompt=prompts, max_tokens=5, temperature=0, n=2)
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    assert [c.text for c in answer.choices] == [greedy_text(text_server, p, 5) for p in prompts for _ in range(2)]
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (5 + 8, 4 * 5)
+    texts = ["", ""]
+    for chunk in client.completions.create(model="tiny-char", prompt=prompts, max_tokens=5, temperature=0,
+                                           stream=True):
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == [answer.choices[0].text, answer.choices[2].text]
+    ids = [text_server.tokenizer.encode(p) for p in prompts]  # lists of token ids, by plain urllib
+    status, body = post(text_server.url, {"prompt": ids, "max_tokens": 5, "temperature": 0})
+    assert status == 200 and [c["text"] for c in body["choices"]] == texts
+
+
+@pytest.mark.parametrize("second,message", [
+    ("a" * 70, "prompt 1: the prompt (70 tokens)"),  # longer than the context: refused by the engine
+    ("TO BE", "prompt 1: "),  # characters the vocabulary lacks: refused while encoding
+])
+def test_a_bad_prompt_among_several_refuses_them_all(text_server, second, message):
+    needs_cpu()
+    engine = text_server.engine
+    computed = engine.computed_tokens
+    status, error = post(text_server.url, {"prompt": ["to be", second], "max_tokens": 3, "n": 2})
+    assert status == 400 and error["error"]["param"] == "prompt" and error["error"]["message"].startswith(message)
+    deadline = time.monotonic() + 10  # the first prompt's requests, queued before the second was refused, ...
+    while (engine.has_work() or engine.requests) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.computed_tokens == computed  # ... never ran ...
+    assert engine.requests == {} and engine.free_blocks == engine.num_blocks  # ... nor stayed
+
+
 def test_logprobs_are_the_models_own_for_each_token_whole_and_streamed(text_server):
     needs_cpu()
     from openai import OpenAI
@@ -263,6 +301,8 @@ def test_a_completion_stops_at_a_stop_string(text_server):
     (None, b"[1, 2]", 400, None),
     ({"prompt": "to be", "max_tokens": "ten"}, None, 400, "max_tokens"),
     ({"prompt": 7}, None, 400, "prompt"),
+    ({"prompt": ["to be", 7]}, None, 400, "prompt"),
+    ({"prompt": ["to be"] * 33}, None, 400, "prompt"),  # more prompts than one request may bring
     ({"prompt": "to be", "max_tokens": 0}, None, 400, "max_tokens"),
     ({"prompt": "to be", "max_tokens": 200}, None, 400, "prompt"),  # prompt + max_tokens > the context
     ({"prompt": "to be", "temperature": -0.5}, None, 400, "temperature"),
