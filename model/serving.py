@@ -70,6 +70,8 @@ class Request:
     text: str = ""  # the text so far, without a stop string (with a tokenizer)
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: don't)
     token_logprobs: list = field(default_factory=list)  # per output token: (id, log p, [(id, log p) x logprobs])
+    prompt_logprobs: int | None = None  # score the prompt too: each token after the first, with these alternatives
+    prompt_token_logprobs: list = field(default_factory=list)  # per prompt token from the second: as token_logprobs
     tokens: list[int] = field(init=False)  # prompt + output, kept as one list (read every step)
 
     def __post_init__(self) -> None:
@@ -117,8 +119,10 @@ class Engine:
 
     Engine(model, max_batch_size, page_size, num_blocks, tokenizer=None):
       - submit(prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-        seed=None, stop=(), logprobs=None) -> request id (logprobs=k: record each token's
-        log-probability and its k most likely alternatives, in request(id).token_logprobs);
+        seed=None, stop=(), logprobs=None, prompt_logprobs=None) -> request id (logprobs=k:
+        record each token's log-probability and its k most likely alternatives, in
+        request(id).token_logprobs; prompt_logprobs=k: the prompt's tokens' too, from the
+        second on, in request(id).prompt_token_logprobs: how likely the model finds a text);
       - step() -> {request id: [ids emitted this step]}; run() -> {request id: ids};
       - cancel(id); request(id) (timings, finish reason); free_blocks, num_blocks,
         prefix_hits (pages reused), prefix_hit_tokens (prompt tokens not recomputed).
@@ -175,7 +179,7 @@ class Engine:
 
     def submit(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-               stop: Sequence[str] = (), logprobs: int | None = None) -> int:
+               stop: Sequence[str] = (), logprobs: int | None = None, prompt_logprobs: int | None = None) -> int:
         """Queue a request; returns its id. Refused (RequestError) when it cannot be served."""
         prompt = [int(t) for t in prompt_ids]
         block_size, vocab = self.model.config.block_size, self.model.config.vocab_size
@@ -198,11 +202,12 @@ class Engine:
             raise RequestError(str(error)) from None
         if stops and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer (Engine(..., tokenizer=...))")
-        if logprobs is not None and (type(logprobs) is not int or not 0 <= logprobs <= MAX_LOGPROBS):
-            raise RequestError(f"logprobs must be an integer in 0..{MAX_LOGPROBS} (or None), got {logprobs!r}")
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if value is not None and (type(value) is not int or not 0 <= value <= MAX_LOGPROBS):
+                raise RequestError(f"{name} must be an integer in 0..{MAX_LOGPROBS} (or None), got {value!r}")
         follower = TextFollower(self.tokenizer.decode, stops) if self.tokenizer is not None else None
         request = Request(next(self._ids), prompt, max_new_tokens, sampler, follower, queued=time.perf_counter(),
-                          logprobs=logprobs)
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         self.requests[request.id] = request
         self.waiting.append(request)
         return request.id
@@ -324,10 +329,11 @@ class Engine:
         """Hold the cached pages that hold the start of the request's tokens, so their
         prefill is skipped. Returns how many, and the prefix key of the first full page it
         must compute itself (None if none). The last token is always computed: its logits
-        choose the next token, so a page that holds it is never reused."""
+        choose the next token, so a page that holds it is never reused. (Nor any page of a
+        request that scores its prompt: it wants the logits of every prompt position.)"""
         tokens, page = request.tokens, self.page_size
         key = None
-        for i in range((len(tokens) - 1) // page if self.prefix_caching else 0):
+        for i in range((len(tokens) - 1) // page if self.prefix_caching and request.prompt_logprobs is None else 0):
             chunk = tokens[i * page:(i + 1) * page]
             key = page_key(key, chunk)
             hit = self.pool.lookup(key, chunk)
@@ -355,12 +361,19 @@ class Engine:
         else:
             self._row = [request for request, _ in batch]
         ids, wanted, due, is_due = [], [], [], []
+        scoring: list[Request | None] = []  # per wanted column: the request whose prompt it scores (None: due)
         for request, n in batch:
             start = request.num_cached
             ids += request.tokens[start:start + n]
+            if request.prompt_logprobs is not None:  # position p's logits score prompt token p + 1
+                for position in range(max(start, len(request.prompt_token_logprobs)),  # (none twice, if recomputed)
+                                      min(start + n, len(request.prompt) - 1)):
+                    wanted.append(len(ids) - n + position - start)
+                    scoring.append(request)
             is_due.append(start + n == len(request.tokens))  # the whole sequence is in: its next token is due
             if is_due[-1]:
                 wanted.append(len(ids) - 1)
+                scoring.append(None)
                 due.append(request)
         if view is None:
             view = PagedBatch(self.cache, [(r.sequence, r.pages, r.num_cached, n, len(r.prompt) + r.max_new_tokens, d)
@@ -377,7 +390,20 @@ class Engine:
             request.num_cached += n
             if self.prefix_caching and request.num_cached // self.page_size > len(request.page_keys):
                 self._register_full_pages(request)  # (without a prefix cache, nobody would look them up)
-        return due, backend.to_numpy(logits.data[0])[:len(wanted)]  # (R, V)
+        rows = backend.to_numpy(logits.data[0])[:len(wanted)]
+        if len(wanted) > len(due):  # some rows score prompts
+            rows = self._score_prompts(rows, scoring)
+        return due, rows  # (R, V)
+
+    @staticmethod
+    def _score_prompts(rows, scoring: list) -> Any:
+        """Record the prompt tokens' log-probabilities from their rows of logits; the rest of
+        the rows (the due requests')."""
+        for row, request in zip(rows, scoring):
+            if request is not None:
+                token = request.prompt[len(request.prompt_token_logprobs) + 1]
+                request.prompt_token_logprobs.append((token, *token_log_prob(row, token, request.prompt_logprobs)))
+        return rows[[i for i, request in enumerate(scoring) if request is None]]
 
     def _register_full_pages(self, request: Request) -> None:
         """Offer the request's newly full pages to the prefix cache."""

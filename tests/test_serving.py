@@ -18,6 +18,7 @@ from model.generate import generate
 from model.gpt import GPT, GPTConfig
 from model.serving import Engine, RequestError
 from model.tokenizer import CharTokenizer
+from reference_logprobs import log_softmax_of
 
 TEXT = "abcdefghijklmnopqrstuvwxyz .,!?"
 
@@ -782,6 +783,35 @@ def test_each_tokens_log_probability_is_the_log_softmax_of_generates_logits():
     assert len(drawn) == 6 and all(lp <= 0 and len(top) == 2 for _, lp, top in drawn)
 
 
+@pytest.mark.parametrize("step_tokens,num_blocks", [(2048, 64), (8, 64), (8, 12)])  # whole, chunked, preempted
+def test_a_scored_prompt_gets_each_tokens_log_probability_from_the_whole_prompts_forward(step_tokens, num_blocks):
+    """prompt_logprobs: every prompt token after the first scored by the logits before it,
+    in prompts prefilled whole or in chunks, recomputed after preemption, or starting with
+    a cached prefix (which a scored prompt must compute, not reuse); what they generate is
+    unchanged."""
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=num_blocks, max_step_tokens=step_tokens)
+    given = prompts([20, 2, 13, 27, 9], seed=3)
+    given += [given[0][:], given[0][:9] + [1, 2]]  # (the first's pages are cached by then)
+    engine.submit(given[0], 4, temperature=0)  # an unscored twin, sharing and caching pages
+    ids = [engine.submit(p, 6, temperature=0, prompt_logprobs=i % 3) for i, p in enumerate(given)]
+    engine.run()
+    assert all(engine.request(rid).prefix_tokens == 0 for rid in ids)  # all computed ...
+    if num_blocks == 64:  # ... though the cache held the first prompt's pages: an unscored one reuses them
+        engine.submit(given[0], 1, temperature=0)
+        engine.run()
+        assert engine.prefix_hits == len(given[0]) // 4 - (len(given[0]) % 4 == 0)
+    for i, (rid, p) in enumerate(zip(ids, given)):
+        request, log_p = engine.request(rid), log_softmax_of(model, given[i])
+        assert [token for token, _, _ in request.prompt_token_logprobs] == p[1:]
+        np.testing.assert_allclose([lp for _, lp, _ in request.prompt_token_logprobs],
+                                   [log_p[t, token] for t, token in enumerate(p[1:])], rtol=1e-5, atol=1e-6)
+        assert all(len(top) == i % 3 for _, _, top in request.prompt_token_logprobs)
+        assert request.output == alone(model, p, 6)
+    assert engine.preemptions > 0 or num_blocks == 64
+    assert_pool_is_empty(engine)
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 
@@ -795,6 +825,7 @@ def test_each_tokens_log_probability_is_the_log_softmax_of_generates_logits():
     (dict(prompt_ids=[1], max_new_tokens=2, seed=-1), "seed must be an integer >= 0"),
     (dict(prompt_ids=[1], max_new_tokens=2, logprobs=21), "logprobs must be an integer in 0..20"),
     (dict(prompt_ids=[1], max_new_tokens=2, logprobs=True), "logprobs must be an integer"),
+    (dict(prompt_ids=[1], max_new_tokens=2, prompt_logprobs=-1), "prompt_logprobs must be an integer in 0..20"),
     (dict(prompt_ids=[1], max_new_tokens=2, stop=["x"]), "tokenizer"),
 ])
 def test_requests_the_engine_cannot_serve_are_refused_with_one_line(kwargs, message):
