@@ -10,7 +10,8 @@ a chat template: train.py --stage sft), GET /v1/models (and /v1/models/ID), GET 
 events ("stream_options": {"include_usage": true} adds the token counts at the end); chat
 takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages, and
 "prompt" may list several prompts (their choices in order, n each); "logprobs" returns
-each token's log-probability (and the likeliest alternatives).
+each token's log-probability (and the likeliest alternatives), "echo" puts the prompt
+first (with logprobs, scored too: what loglikelihood evaluation asks for).
 Any OpenAI client works: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-").
 
 One engine thread (model/engine_thread.py) runs model/serving.py's Engine: requests from
@@ -37,8 +38,8 @@ from typing import Any
 
 from model.cli import HelpFormatter, OneLineParser, UserError, report
 from model.engine_thread import EngineLoop, EngineStopped
-from model.openai_api import (BadRequest, chat_prompt, choices_wanted, completion_prompts, error_json, field,
-                              include_usage, logprobs_json, sampling_params)
+from model.openai_api import (BadRequest, chat_prompt, choices_wanted, completion_prompts, echo_wanted, error_json,
+                              field, include_usage, logprobs_json, sampling_params)
 from model.serving import Engine, RequestError
 from tinygrad_lite import backend, cpu, ops_tier
 from tinygrad_lite.functional import DEFAULT_TIER, TIERS
@@ -133,11 +134,13 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 prompts = completion_prompts(body, self.app.tokenizer)
             default_max = max(1, self.app.block_size - len(prompts[0])) if chat else 16  # as OpenAI's defaults
-            params = sampling_params(body, default_max, chat)
             stream = field(body, "stream", (bool,), False)
+            echo = not chat and echo_wanted(body, stream)
+            params = sampling_params(body, default_max, chat, echo)
             usage = include_usage(body, stream)
+            n = choices_wanted(body)
             try:
-                request_ids, updates = self.app.loop.submit(prompts, params, choices_wanted(body))
+                request_ids, updates = self.app.loop.submit(prompts, params, n)
             except RequestError as error:
                 raise BadRequest(" ".join(str(error).split()), "prompt") from None
             except EngineStopped as error:
@@ -145,8 +148,11 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as error:
             return self.send_error_json(error)
         prompt_tokens = sum(len(prompt) for prompt in prompts)  # (each counted once, whatever n)
-        answer = StreamAnswer(self, request_ids, updates, chat, prompt_tokens, usage) if stream else WholeAnswer(
-            self, request_ids, updates, chat, prompt_tokens)
+        if stream:
+            answer = StreamAnswer(self, request_ids, updates, chat, prompt_tokens, usage)
+        else:  # (with echo, each choice's prompt: the requests come prompt by prompt, n each)
+            answer = WholeAnswer(self, request_ids, updates, chat, prompt_tokens,
+                                 [prompt for prompt in prompts for _ in range(n)] if echo else None)
         answer.run()
 
     # --- reading and writing
@@ -194,9 +200,9 @@ class WholeAnswer:
     one JSON body."""
 
     def __init__(self, handler: Handler, request_ids: list[int], updates: queue.Queue, chat: bool,
-                 prompt_tokens: int) -> None:
+                 prompt_tokens: int, echoed: list[list[int]] | None = None) -> None:
         self.handler, self.request_ids, self.updates, self.chat = handler, request_ids, updates, chat
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens, self.echoed = prompt_tokens, echoed  # echoed: each choice's prompt, to put first
         self.index = {request_id: i for i, request_id in enumerate(request_ids)}  # request -> its choice
         self.last: dict[int, dict] = {}  # each finished request's last update
         self.app = handler.app
@@ -237,12 +243,18 @@ class WholeAnswer:
         for i, request_id in enumerate(self.request_ids):
             last = self.last[request_id]
             choice = {"index": i, "finish_reason": last["finish_reason"], "logprobs": None}
-            if "result_logprobs" in last:
-                choice["logprobs"] = logprobs_json(last["result_logprobs"], self.app.tokenizer.decode, self.chat)
+            text, entries = "".join(texts[i]), last.get("result_logprobs")
+            if self.echoed is not None:  # the prompt first (its first token scored by nothing: nulls)
+                prompt = self.echoed[i]
+                text = self.app.tokenizer.decode(prompt) + text
+                if entries is not None:
+                    entries = [(prompt[0], None, None), *last["prompt_logprobs"], *entries]
+            if entries is not None:
+                choice["logprobs"] = logprobs_json(entries, self.app.tokenizer.decode, self.chat)
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": "".join(texts[i])}
+                choice["message"] = {"role": "assistant", "content": text}
             else:
-                choice["text"] = "".join(texts[i])
+                choice["text"] = text
             choices.append(choice)
         self.handler.send_json(200, {
             "id": self.app.next_id("chatcmpl" if self.chat else "cmpl"),

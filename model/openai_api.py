@@ -20,7 +20,7 @@ MAX_CHOICES = 16  # "n": completions of one prompt, each its own engine request 
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 # OpenAI fields this server does not implement, and the values that ask for nothing (what
 # clients send by default): any other value is a 400, not an answer that silently ignores it
-UNSUPPORTED = {"echo": (False,), "best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
+UNSUPPORTED = {"best_of": (1,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,),
                "frequency_penalty": (0,), "tools": ([],), "functions": ([],)}
 
 
@@ -54,9 +54,10 @@ def choices_wanted(body: dict) -> int:
     return field(body, "n", (int,), 1, lambda v: 1 <= v <= MAX_CHOICES, f"in 1..{MAX_CHOICES}")
 
 
-def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> dict:
-    """The engine's submit() settings from the request's OpenAI fields."""
-    for name, nothing in UNSUPPORTED.items():
+def sampling_params(body: dict, default_max_tokens: int, chat: bool = False, echo: bool = False) -> dict:
+    """The engine's submit() settings from the request's OpenAI fields (with echo, logprobs
+    score the prompt too)."""
+    for name, nothing in ((UNSUPPORTED | {"echo": (False,)}) if chat else UNSUPPORTED).items():  # (chat has no echo)
         value = body.get(name)
         if value is not None and not any(value == v and (type(v) is not bool or value is v) for v in nothing):
             raise BadRequest(f"'{name}' is not supported by this server", name)
@@ -85,7 +86,17 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool = False) -> 
         top_p=None if top_p == 1 else float(top_p),
         top_k=field(body, "top_k", (int,), None, lambda v: v >= 1, ">= 1"),
         seed=field(body, "seed", (int,), None, lambda v: v >= 0, ">= 0"),
-        stop=tuple(stop), logprobs=logprobs)
+        stop=tuple(stop), logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+
+
+def echo_wanted(body: dict, stream: bool) -> bool:
+    """Does a completion's text start with its prompt ("echo": true; with logprobs, the
+    prompt's tokens are scored too, the first one null: how loglikelihood evaluation asks)?
+    A whole answer's only."""
+    echo = field(body, "echo", (bool,), False)
+    if echo and stream:
+        raise BadRequest("'echo' is not supported with \"stream\": true", "echo")
+    return echo
 
 
 def include_usage(body: dict, stream: bool) -> bool:
@@ -148,7 +159,8 @@ def chat_prompt(body: dict, tokenizer: Any, model_name: str) -> list[int]:
 def logprobs_json(entries: list, decode: Callable[[list[int]], str], chat: bool, offset: int = 0) -> dict:
     """Tokens' log-probabilities (the engine's (id, log p, alternatives) entries) as OpenAI
     sends them: chat's {"content": [...]}, or the completions API's parallel lists, whose
-    text_offset counts characters of the answer from `offset`."""
+    text_offset counts characters of the answer from `offset` (an echoed prompt's first
+    token, which nothing before it scores, comes as (id, None, None): nulls)."""
     def text(token: int) -> str:
         return decode([token])
     if chat:
@@ -159,7 +171,8 @@ def logprobs_json(entries: list, decode: Callable[[list[int]], str], chat: bool,
                             for token, log_p, top in entries]}
     tokens = [text(token) for token, _, _ in entries]
     return {"tokens": tokens, "token_logprobs": [log_p for _, log_p, _ in entries],
-            "top_logprobs": [{text(alt): log_p for alt, log_p in top} for _, _, top in entries],
+            "top_logprobs": [None if top is None else {text(alt): log_p for alt, log_p in top}
+                             for _, _, top in entries],
             "text_offset": list(itertools.accumulate((len(t) for t in tokens), initial=offset))[:-1]}
 
 

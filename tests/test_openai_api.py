@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 
-from model.openai_api import BadRequest, completion_prompts, logprobs_json, sampling_params
+from model.openai_api import BadRequest, completion_prompts, echo_wanted, logprobs_json, sampling_params
 from model.serving import Engine
 
 PIECES = {0: "Hello", 1: " wor", 2: "ld", 3: "é"}
@@ -20,7 +20,7 @@ def test_a_request_without_fields_asks_for_the_engines_own_defaults():
                 if p.default is not inspect.Parameter.empty}
     assert params.pop("max_new_tokens") == 16
     assert params == {name: defaults[name] for name in params}
-    assert set(params) == {"temperature", "top_k", "top_p", "seed", "stop", "logprobs"}
+    assert set(params) == {"temperature", "top_k", "top_p", "seed", "stop", "logprobs", "prompt_logprobs"}
 
 
 def test_chat_takes_max_completion_tokens_before_max_tokens_and_logprobs_as_a_switch():
@@ -71,3 +71,16 @@ def test_a_prompt_that_is_no_prompt_is_refused_naming_it(prompt, message):
     with pytest.raises(BadRequest) as error:
         completion_prompts({"prompt": prompt}, Letters())
     assert error.value.param == "prompt" and str(error.value).startswith(message)
+
+
+def test_echo_with_logprobs_scores_the_prompt_and_its_first_token_is_null():
+    body = {"echo": True, "logprobs": 2}
+    assert echo_wanted(body, stream=False) and sampling_params(body, 16, echo=True)["prompt_logprobs"] == 2
+    assert sampling_params({"echo": True}, 16, echo=True)["prompt_logprobs"] is None  # (echo alone: text only)
+    shaped = logprobs_json([(0, None, None), (1, -0.5, [(1, -0.5)])], decode, chat=False)
+    assert shaped["token_logprobs"] == [None, -0.5] and shaped["top_logprobs"] == [None, {" wor": -0.5}]
+    assert shaped["text_offset"] == [0, 5]
+    for refused in (lambda: echo_wanted(body, stream=True), lambda: sampling_params(body, 16, chat=True)):
+        with pytest.raises(BadRequest) as error:
+            refused()
+        assert error.value.param == "echo"

@@ -31,6 +31,7 @@ from model.chat import ChatTokenizer
 from model.generate import generate
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import CharTokenizer
+from reference_logprobs import log_softmax_of
 from tinygrad_lite import backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,6 +255,48 @@ def test_logprobs_are_the_models_own_for_each_token_whole_and_streamed(text_serv
     assert [t for s in streamed for t in s.tokens] == got.tokens
     assert [lp for s in streamed for lp in s.token_logprobs] == got.token_logprobs
     assert [o for s in streamed for o in s.text_offset] == got.text_offset
+
+
+def test_echo_scores_the_prompt_as_loglikelihood_evaluation_asks(text_server, chat_server):
+    """lm-eval's completions model sends a batch of prompts with echo, logprobs and
+    max_tokens 1, and sums token_logprobs over a continuation: each must be the model's own
+    log-softmax at that position (the first token's null), whatever the prefix cache holds."""
+    needs_cpu()
+    prompts = ["to be or", "to be or not"]  # (the second starts with the first: no cached page may be reused)
+    status, body = post(text_server.url, {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1,
+                                          "temperature": 0})
+    assert status == 200
+    for prompt, choice in zip(prompts, body["choices"]):
+        text, got = choice["text"], choice["logprobs"]
+        assert text[:-1] == prompt and text == prompt + greedy_text(text_server, prompt, 1)
+        assert got["tokens"] == list(text) and got["text_offset"] == list(range(len(text)))
+        assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+        ids = text_server.tokenizer.encode(text)
+        log_p = log_softmax_of(text_server.model, ids)
+        expected = [log_p[position, token] for position, token in enumerate(ids[1:])]
+        np.testing.assert_allclose(got["token_logprobs"][1:], expected, atol=1e-5)
+        assert [list(top) for top in got["top_logprobs"][1:]] == [  # the likeliest next character at each
+            [text_server.tokenizer.decode([int(np.argmax(row))])] for row in log_p[:-1]]
+    # lm-evaluation-harness's local-completions, as it asks (token ids) and reads (from the context's end on)
+    context, continuation = text_server.tokenizer.encode("to be"), text_server.tokenizer.encode(" or not")
+    status, body = post(text_server.url, {"model": "tiny-char", "prompt": [context + continuation], "temperature": 0,
+                                          "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True})
+    got = body["choices"][0]["logprobs"]
+    loglikelihood = sum(got["token_logprobs"][len(context):-1])
+    is_greedy = all(lp == max(top.values()) for lp, top in zip(got["token_logprobs"][len(context):-1],
+                                                                got["top_logprobs"][len(context):-1]))
+    log_p = log_softmax_of(text_server.model, context + continuation)
+    expected = [log_p[len(context) + i - 1, token] for i, token in enumerate(continuation)]
+    assert loglikelihood == pytest.approx(sum(expected), abs=1e-4)
+    assert is_greedy == all(np.argmax(log_p[len(context) + i - 1]) == token for i, token in enumerate(continuation))
+    status, body = post(text_server.url, {"prompt": "to be", "echo": True, "max_tokens": 2, "temperature": 0})
+    assert body["choices"][0]["text"] == "to be" + greedy_text(text_server, "to be", 2)  # echo alone: the text
+    assert body["choices"][0]["logprobs"] is None
+    status, error = post(text_server.url, {"prompt": "to be", "echo": True, "stream": True})
+    assert status == 400 and error["error"]["param"] == "echo"
+    status, error = post(chat_server.url, {"messages": [{"role": "user", "content": "hi"}], "echo": True},
+                         path="/v1/chat/completions")
+    assert status == 400 and error["error"]["param"] == "echo"  # (chat has no echo)
 
 
 def test_chat_logprobs_cover_the_reply_not_the_end_of_turn(chat_server):
