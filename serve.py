@@ -6,7 +6,8 @@
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (a checkpoint fine-tuned with
 a chat template: train.py --stage sft), GET /v1/models (and /v1/models/ID), GET /health
-(200 while the engine thread runs, else 503). "stream": true sends server-sent
+(200 while the engine thread runs, else 503), and vLLM's POST /tokenize, POST /detokenize
+and GET /tokenizer_info. "stream": true sends server-sent
 events ("stream_options": {"include_usage": true} adds the token counts at the end); chat
 takes max_completion_tokens or max_tokens; "n" completions of a prompt share its pages, and
 "prompt" may list several prompts (their choices in order, n each); "logprobs" returns
@@ -38,8 +39,9 @@ from typing import Any
 
 from model.cli import HelpFormatter, OneLineParser, UserError, report
 from model.engine_thread import EngineLoop, EngineStopped
-from model.openai_api import (BadRequest, chat_prompt, choices_wanted, completion_prompts, echo_wanted, error_json,
-                              field, include_usage, logprobs_json, sampling_params)
+from model.openai_api import (BadRequest, chat_prompt, choices_wanted, completion_prompts, detokenize, echo_wanted,
+                              error_json, field, include_usage, logprobs_json, sampling_params, tokenize,
+                              tokenizer_info)
 from model.serving import Engine, RequestError
 from tinygrad_lite import backend, cpu, ops_tier
 from tinygrad_lite.functional import DEFAULT_TIER, TIERS
@@ -116,6 +118,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(200, {"object": "list", "data": [model]})
         if route == f"/v1/models/{self.app.model_name}":
             return self.send_json(200, model)
+        if route == "/tokenizer_info":  # (as vLLM's)
+            return self.send_json(200, tokenizer_info(self.app.tokenizer, self.app.block_size))
         if route == "/health":  # (as vLLM's: 200 while the engine thread runs)
             if self.app.loop.is_alive():
                 return self.send_json(200, {"status": "ok"})
@@ -125,9 +129,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         route = self.path.rstrip("/")
         try:
-            if route not in ("/v1/completions", "/v1/chat/completions"):
+            if route not in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
                 raise BadRequest(f"no route POST {self.path}", status=404)
             body = self.read_json()
+            if route == "/tokenize":  # (vLLM's tokenizer, for clients that count or score tokens themselves)
+                return self.send_json(200, tokenize(body, self.app.tokenizer, self.app.model_name, self.app.block_size))
+            if route == "/detokenize":
+                return self.send_json(200, detokenize(body, self.app.tokenizer))
             chat = route.endswith("chat/completions")
             if chat:
                 prompts = [chat_prompt(body, self.app.tokenizer, self.app.model_name)]

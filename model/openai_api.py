@@ -180,3 +180,35 @@ def error_json(message: str, param: str | None, status: int) -> dict:
     """OpenAI's error body."""
     kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+# --- the tokenizer, as vLLM serves it (what lm-evaluation-harness's remote tokenizer calls) --------
+
+
+def tokenizer_info(tokenizer: Any, block_size: int) -> dict:
+    """GET /tokenizer_info. No eos_token: special tokens' names are plain text to encode()."""
+    return {"tokenizer_class": type(tokenizer).__name__, "vocab_size": tokenizer.vocab_size,
+            "model_max_length": block_size, "eos_token": None, "bos_token": None, "pad_token": None}
+
+
+def tokenize(body: dict, tokenizer: Any, model_name: str, block_size: int) -> dict:
+    """POST /tokenize: a "prompt" string (or chat "messages", rendered up to the answer) -> its ids."""
+    if body.get("messages") is not None:
+        ids = chat_prompt(body, tokenizer, model_name)
+    else:
+        prompt = field(body, "prompt", (str,), None)
+        if prompt is None:
+            raise BadRequest("'prompt' (a string) or 'messages' is required", "prompt")
+        ids = _prompt_ids(prompt, tokenizer, "")
+    return {"count": len(ids), "max_model_len": block_size, "tokens": ids}
+
+
+def detokenize(body: dict, tokenizer: Any) -> dict:
+    """POST /detokenize: "tokens", a list of ids -> their text, as "prompt"."""
+    tokens = field(body, "tokens", (list,), None)
+    if tokens is None or not all(type(t) is int for t in tokens):
+        raise BadRequest("'tokens' must be a list of token ids", "tokens")
+    try:
+        return {"prompt": tokenizer.decode(tokens)}
+    except ValueError as error:  # an id outside the vocabulary
+        raise BadRequest(" ".join(str(error).split()), "tokens") from None

@@ -27,7 +27,7 @@ from hypothesis import given, settings, strategies as st
 
 import serve
 import tinygrad_lite
-from model.chat import ChatTokenizer
+from model.chat import ChatTokenizer, render
 from model.generate import generate
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import CharTokenizer
@@ -379,14 +379,14 @@ JSON_VALUES = st.recursive(
     max_leaves=6)
 FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed", "stop",
           "n", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "presence_penalty", "model", "user",
-          "suffix"]
+          "suffix", "tokens"]
 MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "bob", 3]),
                                            "content": st.text("ab c", max_size=8) | st.integers()}), max_size=3)
 
 
 @settings(max_examples=max(settings().max_examples, 60))
 @given(st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=6), st.none() | MESSAGES,
-       st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+       st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]))
 def test_any_json_body_is_answered_or_refused_never_a_server_error(chat_server, body, messages, path):
     # the OpenAI fields, each given any JSON value (and chat messages of any shape): the
     # answer is a whole completion, a whole stream, or a 4xx with an error body, never a 500
@@ -399,6 +399,8 @@ def test_any_json_body_is_answered_or_refused_never_a_server_error(chat_server, 
     connection.close()
     if response.status != 200:
         assert 400 <= response.status < 500 and "message" in json.loads(raw)["error"], (response.status, raw)
+    elif path in ("/tokenize", "/detokenize"):
+        assert "tokens" in json.loads(raw) or isinstance(json.loads(raw)["prompt"], str)
     elif body.get("stream") is True:
         assert raw.rstrip().endswith(b"data: [DONE]"), raw[-200:]
     else:
@@ -440,6 +442,34 @@ def test_health_is_200_while_the_engine_runs_and_503_after_as_are_requests(text_
         urllib.request.urlopen(text_server.url + "/v1/models/gpt-4", timeout=10)
     assert unknown.value.code == 404
     server.close()
+
+
+def test_vllms_tokenizer_endpoints_serve_clients_that_count_or_score_tokens_themselves(text_server, chat_server):
+    """/tokenizer_info, /tokenize and /detokenize, as lm-evaluation-harness's remote tokenizer
+    probes and calls them: a model with no Hugging Face tokenizer (a character one) can be
+    evaluated through the server alone."""
+    needs_cpu()
+    with urllib.request.urlopen(text_server.url + "/tokenizer_info", timeout=10) as response:
+        info = json.loads(response.read())
+    assert "eos_token" in info and (info["vocab_size"], info["model_max_length"]) == (len(TEXT), BLOCK)
+    status, body = post(text_server.url, {"prompt": "test", "add_special_tokens": False}, path="/tokenize")
+    assert status == 200 and body == {"count": 4, "max_model_len": BLOCK, "tokens": text_server.tokenizer.encode("test")}
+    status, body = post(text_server.url, {"tokens": body["tokens"]}, path="/detokenize")
+    assert status == 200 and body == {"prompt": "test"}
+    messages = [{"role": "user", "content": "hi"}]
+    status, body = post(chat_server.url, {"messages": messages}, path="/tokenize")
+    assert status == 200 and body["tokens"] == render(chat_server.tokenizer, messages, add_generation_prompt=True)[0]
+    for url, path, request, param in [
+        (text_server.url, "/tokenize", {"messages": messages}, None),  # no chat template
+        (text_server.url, "/tokenize", {"prompt": "TO BE"}, "prompt"),  # characters the vocabulary lacks
+        (text_server.url, "/tokenize", {"prompt": 5}, "prompt"),
+        (text_server.url, "/tokenize", {}, "prompt"),
+        (text_server.url, "/detokenize", {"tokens": [len(TEXT)]}, "tokens"),  # outside the vocabulary
+        (text_server.url, "/detokenize", {"tokens": "ab"}, "tokens"),
+        (text_server.url, "/detokenize", {"tokens": [1, True]}, "tokens"),
+    ]:
+        status, error = post(url, request, path=path)
+        assert status == 400 and error["error"]["param"] == param, (path, request)
 
 
 def test_chat_on_a_model_without_a_chat_template_is_a_400(text_server):
