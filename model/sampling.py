@@ -55,14 +55,22 @@ def softmax(logits: Any) -> Any:
 
 def token_log_prob(logits: Any, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
     """How sure the model was: log p(token) from one row of logits (V,), and the `top`
-    most likely ids with their log-probabilities, most likely first. From the raw logits
-    (before temperature, top-k and top-p), as OpenAI and vLLM report them by default.
-    log p_i = z_i - log sum_j exp(z_j), in float64 on the host."""
+    most likely ids with their log-probabilities, most likely first (ties: the lower id
+    first). From the raw logits (before temperature, top-k and top-p), as OpenAI and vLLM
+    report them by default. log p_i = z_i - log sum_j exp(z_j), in float64 on the host."""
+    np = backend.numpy
     z = backend.to_numpy(_array(logits)).astype("float64")
-    shifted = z - z.max()
-    log_p = shifted - backend.numpy.log(backend.numpy.exp(shifted).sum())
-    best = backend.numpy.argsort(-log_p, kind="stable")[:top]  # (ties: the lower id first)
-    return float(log_p[token]), [(int(i), float(log_p[i])) for i in best]
+    log_p = z - z.max()
+    log_p -= np.log(np.exp(log_p).sum())
+    if top <= 0:
+        return float(log_p[token]), []
+    # NOTE: not a sort of all V ids (6.4 ms a row for GPT-2's 50,257; this, 0.6-1.3 ms):
+    # the top-th largest log p, then the ids at least that likely (ties included), sorted
+    V = len(log_p)
+    least = log_p.max() if top == 1 else np.partition(log_p, max(V - top, 0))[max(V - top, 0)]
+    ids = np.flatnonzero(log_p >= least)
+    ids = ids[np.lexsort((ids, -log_p[ids]))][:top]  # likeliest first, ties by id
+    return float(log_p[token]), [(int(i), float(log_p[i])) for i in ids]
 
 
 def top_k_filter(logits: Any, k: int) -> Any:

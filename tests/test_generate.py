@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 import tinygrad_lite
 from tinygrad_lite import Tensor, backend
@@ -283,6 +284,22 @@ def test_top_p_keeps_the_smallest_set_with_enough_mass(p, kept):
     assert np.flatnonzero(np.isfinite(filtered)).tolist() == kept
     draws = Sampler(temperature=1.0, top_p=p, seed=1)(device_array(np.tile(np.log(probs), (500, 1))))
     assert set(draws) <= set(kept)
+
+
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=40), st.integers(0, 45), st.data())
+def test_a_tokens_log_probability_and_the_likeliest_ids_follow_their_definition(values, top, data):
+    """token_log_prob against log-softmax and a full stable sort (ties, which small integer
+    logits make common, go to the lower id), for any `top`, larger than V too."""
+    from model.sampling import token_log_prob
+    logits = np.asarray(values, dtype=np.float32)
+    token = data.draw(st.integers(0, len(values) - 1))
+    z = logits.astype(np.float64) - logits.max()
+    log_p = z - np.log(np.exp(z).sum())
+    got, likeliest = token_log_prob(device_array(logits), token, top)
+    assert got == pytest.approx(log_p[token], abs=1e-12)
+    expected = np.argsort(-log_p, kind="stable")[:top]
+    assert [i for i, _ in likeliest] == expected.tolist()
+    np.testing.assert_allclose([lp for _, lp in likeliest], log_p[expected], atol=1e-12)
 
 
 def test_tiny_temperature_equals_greedy():
