@@ -143,7 +143,7 @@ class Handler(BaseHTTPRequestHandler):
                 prompts = completion_prompts(body, self.app.tokenizer)
             default_max = max(1, self.app.block_size - len(prompts[0])) if chat else 16  # as OpenAI's defaults
             stream = field(body, "stream", (bool,), False)
-            echo = not chat and echo_wanted(body, stream)
+            echo = not chat and echo_wanted(body)
             params = sampling_params(body, default_max, chat, echo)
             usage = include_usage(body, stream)
             n = choices_wanted(body)
@@ -156,11 +156,11 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as error:
             return self.send_error_json(error)
         prompt_tokens = sum(len(prompt) for prompt in prompts)  # (each counted once, whatever n)
+        echoed = [prompt for prompt in prompts for _ in range(n)] if echo else None  # (prompt by prompt, n each)
         if stream:
-            answer = StreamAnswer(self, request_ids, updates, chat, prompt_tokens, usage)
-        else:  # (with echo, each choice's prompt: the requests come prompt by prompt, n each)
-            answer = WholeAnswer(self, request_ids, updates, chat, prompt_tokens,
-                                 [prompt for prompt in prompts for _ in range(n)] if echo else None)
+            answer = StreamAnswer(self, request_ids, updates, chat, prompt_tokens, echoed, usage)
+        else:
+            answer = WholeAnswer(self, request_ids, updates, chat, prompt_tokens, echoed)
         answer.run()
 
     # --- reading and writing
@@ -211,6 +211,7 @@ class WholeAnswer:
                  prompt_tokens: int, echoed: list[list[int]] | None = None) -> None:
         self.handler, self.request_ids, self.updates, self.chat = handler, request_ids, updates, chat
         self.prompt_tokens, self.echoed = prompt_tokens, echoed  # echoed: each choice's prompt, to put first
+        self.prompt_scores: dict[int, list] = {}  # choice -> its prompt's (id, log p, alternatives), with echo
         self.index = {request_id: i for i, request_id in enumerate(request_ids)}  # request -> its choice
         self.last: dict[int, dict] = {}  # each finished request's last update
         self.app = handler.app
@@ -220,6 +221,10 @@ class WholeAnswer:
         completion = sum(update["completion_tokens"] for update in self.last.values())
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                 "total_tokens": self.prompt_tokens + completion}
+
+    def echo_entries(self, i: int) -> list:
+        """Choice i's prompt as logprobs entries: its first token scored by nothing (nulls)."""
+        return [(self.echoed[i][0], None, None), *self.prompt_scores.get(i, [])]
 
     def updates_until_done(self):
         """The engine's updates for these requests until all have finished: (choice index, update),
@@ -237,6 +242,8 @@ class WholeAnswer:
                 return
             if update["finish_reason"] is not None:
                 self.last[update["id"]] = update
+            if "prompt_logprobs" in update:  # (in a request's first update)
+                self.prompt_scores[self.index[update["id"]]] = update["prompt_logprobs"]
             yield self.index[update["id"]], update
 
     def run(self) -> None:
@@ -252,11 +259,10 @@ class WholeAnswer:
             last = self.last[request_id]
             choice = {"index": i, "finish_reason": last["finish_reason"], "logprobs": None}
             text, entries = "".join(texts[i]), last.get("result_logprobs")
-            if self.echoed is not None:  # the prompt first (its first token scored by nothing: nulls)
-                prompt = self.echoed[i]
-                text = self.app.tokenizer.decode(prompt) + text
+            if self.echoed is not None:  # the prompt first
+                text = self.app.tokenizer.decode(self.echoed[i]) + text
                 if entries is not None:
-                    entries = [(prompt[0], None, None), *last["prompt_logprobs"], *entries]
+                    entries = self.echo_entries(i) + entries
             if entries is not None:
                 choice["logprobs"] = logprobs_json(entries, self.app.tokenizer.decode, self.chat)
             if self.chat:
@@ -275,11 +281,12 @@ class StreamAnswer(WholeAnswer):
     then `data: [DONE]`. With include_usage, every chunk has "usage": null and one more
     chunk, with no choices, brings the token counts before [DONE] (as OpenAI's stream_options).
     Asked for, each token's log-probability comes in the chunk of the step that made it
-    (a stop string's own tokens too: the text that holds them back cannot call them back)."""
+    (a stop string's own tokens too: the text that holds them back cannot call them back).
+    With echo, a choice's first chunk is its prompt (and its prompt's scores)."""
 
     def __init__(self, handler: Handler, request_ids: list[int], updates: queue.Queue, chat: bool,
-                 prompt_tokens: int, include_usage: bool = False) -> None:
-        super().__init__(handler, request_ids, updates, chat, prompt_tokens)
+                 prompt_tokens: int, echoed: list[list[int]] | None = None, include_usage: bool = False) -> None:
+        super().__init__(handler, request_ids, updates, chat, prompt_tokens, echoed)
         self.include_usage = include_usage
         self.offsets = [0] * len(request_ids)  # each choice's characters of token text so far (text_offset)
 
@@ -296,9 +303,14 @@ class StreamAnswer(WholeAnswer):
             if self.chat:
                 for i in range(len(self.request_ids)):
                     self.send(i, {"role": "assistant", "content": ""}, None)
+            echoing = set(range(len(self.request_ids))) if self.echoed is not None else set()
             for i, update in self.updates_until_done():
                 if "error" in update:
                     return self.send_event({"error": {"message": update["error"], "type": "server_error"}})
+                if i in echoing:  # a choice's first chunk: its prompt (scored once the prompt is computed)
+                    echoing.remove(i)
+                    self.send(i, self.app.tokenizer.decode(self.echoed[i]), None,
+                              self.echo_entries(i) if "logprobs" in update else None)
                 entries = update.get("logprobs")
                 if update["text"] or update["finish_reason"] is None:
                     self.send(i, {"content": update["text"]} if self.chat else update["text"], None, entries)

@@ -105,12 +105,12 @@ class EngineLoop(threading.Thread):
         if request.logprobs is not None:  # this step's tokens' (a stream sends them as they come)
             update["logprobs"] = [e for e in request.token_logprobs[len(request.token_logprobs) - len(ids):]
                                   if e[0] != end]
+        if request.prompt_logprobs is not None and len(request.output) == len(ids):  # its first update: the
+            update["prompt_logprobs"] = request.prompt_token_logprobs  # prompt's scores (tokens from the second on)
         if request.done:
             update["completion_tokens"] = len(request.output)
             if request.logprobs is not None:  # the whole answer's: its text's tokens only (not a stop string's)
                 update["result_logprobs"] = [e for e in request.result_logprobs() if e[0] != end]
-            if request.prompt_logprobs is not None:  # (the prompt's tokens from the second on)
-                update["prompt_logprobs"] = request.prompt_token_logprobs
             del self.engine.requests[request_id], self.sent[request_id]  # the server forgets it
             self.outboxes.pop(request_id).put(update)
         else:

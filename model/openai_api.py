@@ -89,14 +89,10 @@ def sampling_params(body: dict, default_max_tokens: int, chat: bool = False, ech
         stop=tuple(stop), logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
 
 
-def echo_wanted(body: dict, stream: bool) -> bool:
+def echo_wanted(body: dict) -> bool:
     """Does a completion's text start with its prompt ("echo": true; with logprobs, the
-    prompt's tokens are scored too, the first one null: how loglikelihood evaluation asks)?
-    A whole answer's only."""
-    echo = field(body, "echo", (bool,), False)
-    if echo and stream:
-        raise BadRequest("'echo' is not supported with \"stream\": true", "echo")
-    return echo
+    prompt's tokens are scored too, the first one null: how loglikelihood evaluation asks)?"""
+    return field(body, "echo", (bool,), False)
 
 
 def include_usage(body: dict, stream: bool) -> bool:

@@ -90,6 +90,15 @@ def post(url: str, body, path: str = "/v1/completions", raw: bytes | None = None
         return error.code, json.loads(error.read())
 
 
+def stream_chunks(server: Running, path: str, body: dict) -> list[dict]:
+    """A streamed answer's chunks, read by plain urllib (it must end with [DONE])."""
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode())
+    with urllib.request.urlopen(request, timeout=30) as response:
+        events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
 def greedy_text(server: Running, prompt: str, n: int) -> str:
     ids = server.tokenizer.encode(prompt)
     return server.tokenizer.decode(generate(server.model, [ids], n, temperature=0)[0])
@@ -292,8 +301,15 @@ def test_echo_scores_the_prompt_as_loglikelihood_evaluation_asks(text_server, ch
     status, body = post(text_server.url, {"prompt": "to be", "echo": True, "max_tokens": 2, "temperature": 0})
     assert body["choices"][0]["text"] == "to be" + greedy_text(text_server, "to be", 2)  # echo alone: the text
     assert body["choices"][0]["logprobs"] is None
-    status, error = post(text_server.url, {"prompt": "to be", "echo": True, "stream": True})
-    assert status == 400 and error["error"]["param"] == "echo"
+    whole = {"prompt": prompts, "echo": True, "logprobs": 2, "max_tokens": 4, "temperature": 0}
+    status, body = post(text_server.url, whole)
+    streamed = [{"text": "", "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []} for _ in prompts]
+    for chunk in stream_chunks(text_server, "/v1/completions", {**whole, "stream": True}):
+        choice = chunk["choices"][0]  # (a stream's first chunk of a choice: the prompt, with its scores)
+        streamed[choice["index"]]["text"] += choice["text"]
+        for key, values in (choice["logprobs"] or {}).items():
+            streamed[choice["index"]][key] += values
+    assert streamed == [{"text": c["text"], **c["logprobs"]} for c in body["choices"]]
     status, error = post(chat_server.url, {"messages": [{"role": "user", "content": "hi"}], "echo": True},
                          path="/v1/chat/completions")
     assert status == 400 and error["error"]["param"] == "echo"  # (chat has no echo)
