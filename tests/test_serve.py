@@ -552,6 +552,30 @@ def test_a_client_that_hangs_up_leaves_no_traceback(text_server, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_burst_of_connections_waits_for_the_server_instead_of_being_turned_away():
+    """64 clients connect before the server accepts any (the kernel's listen queue holds
+    them; socketserver's default of 5 would time the 7th out), then each gets its answer."""
+    needs_cpu()
+    tokenizer = CharTokenizer(TEXT)
+    server = serve.make_server(tiny_model(tokenizer), tokenizer, port=0)
+    host, port = server.server_address[:2]
+    clients = [socket.create_connection((host, port), timeout=5) for _ in range(64)]  # nobody accepts yet
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    body = json.dumps({"prompt": "to be", "max_tokens": 2}).encode()
+    try:
+        for client in clients:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        for client in clients:
+            with client, client.makefile("rb") as reply:
+                assert reply.readline().startswith(b"HTTP/1.1 200")
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.app.loop.stopping.set()
+        server.app.loop.join(timeout=5)
+
+
 def test_a_crowd_of_clients_is_served_and_nothing_is_left_behind(capsys):
     """Eight clients at once, 12 seeded requests each: whole answers (of one or two choices)
     and streamed ones, stop strings, bad requests and clients that leave mid-stream, on a pool small enough to
