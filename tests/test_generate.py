@@ -302,6 +302,11 @@ def test_a_tokens_log_probability_and_the_likeliest_ids_follow_their_definition(
     np.testing.assert_allclose([lp for _, lp in likeliest], log_p[expected], atol=1e-12)
 
 
+def test_a_tokens_log_probability_does_not_overflow_on_large_logits():
+    from model.sampling import token_log_prob
+    assert token_log_prob(device_array(np.array([1000.0, 0.0], np.float32)), 0, 2) == (0.0, [(0, 0.0), (1, -1000.0)])
+
+
 def test_tiny_temperature_equals_greedy():
     model = tiny_gpt()
     greedy_ids = generate(model, [1, 2, 3], 30, temperature=0)

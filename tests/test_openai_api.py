@@ -77,6 +77,7 @@ def test_echo_with_logprobs_scores_the_prompt_and_its_first_token_is_null():
     body = {"echo": True, "logprobs": 2}
     assert echo_wanted(body) and sampling_params(body, 16, echo=True)["prompt_logprobs"] == 2
     assert sampling_params({"echo": True}, 16, echo=True)["prompt_logprobs"] is None  # (echo alone: text only)
+    assert sampling_params({"logprobs": 1}, 16)["prompt_logprobs"] is None  # (no echo: the prompt is not scored)
     shaped = logprobs_json([(0, None, None), (1, -0.5, [(1, -0.5)])], decode, chat=False)
     assert shaped["token_logprobs"] == [None, -0.5] and shaped["top_logprobs"] == [None, {" wor": -0.5}]
     assert shaped["text_offset"] == [0, 5]

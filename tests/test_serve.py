@@ -175,7 +175,8 @@ def test_urllib_gets_concurrent_completions_and_a_stream(text_server):
     request = urllib.request.Request(text_server.url + "/v1/completions", data=json.dumps(
         {"prompt": "the king", "max_tokens": 10, "temperature": 0, "stream": True}).encode())
     with urllib.request.urlopen(request, timeout=30) as response:
-        assert response.headers["Content-Type"] == "text/event-stream"
+        assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
+        assert response.headers["Cache-Control"] == "no-cache"  # (a proxy must pass each event on at once)
         events = [line[6:] for line in response.read().decode().splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -240,6 +241,8 @@ def test_a_bad_prompt_among_several_refuses_them_all(text_server, second, messag
         time.sleep(0.02)
     assert engine.computed_tokens == computed  # ... never ran ...
     assert engine.requests == {} and engine.free_blocks == engine.num_blocks  # ... nor stayed
+    status, error = post(text_server.url, {"prompt": [second], "max_tokens": 3})  # one prompt: no number
+    assert status == 400 and not error["error"]["message"].startswith("prompt 0")
 
 
 def test_logprobs_are_the_models_own_for_each_token_whole_and_streamed(text_server):
@@ -334,11 +337,15 @@ def test_chat_logprobs_cover_the_reply_not_the_end_of_turn(chat_server):
     try:
         status, answer = post(ending.url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
                                            "temperature": 0, "logprobs": True}, path="/v1/chat/completions")
+        chunks = stream_chunks(ending, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "temperature": 0, "logprobs": True,
+            "stream": True})
     finally:
         ending.close()
     choice = answer["choices"][0]
     assert choice["finish_reason"] == "stop" and answer["usage"]["completion_tokens"] == 1
     assert choice["message"]["content"] == "" and choice["logprobs"]["content"] == []  # <|end|> is not the reply's
+    assert [c["choices"][0]["logprobs"] for c in chunks] == [None, None]  # (the role's chunk; the finish's)
 
 
 def test_a_completion_stops_at_a_stop_string(text_server):
@@ -368,6 +375,7 @@ def test_a_completion_stops_at_a_stop_string(text_server):
     ({"prompt": "to be", "top_p": 0}, None, 400, "top_p"),
     ({"prompt": "to be", "top_p": 1.5}, None, 400, "top_p"),
     ({"prompt": "to be", "seed": -1}, None, 400, "seed"),
+    ({"prompt": "to be", "top_k": 0}, None, 400, "top_k"),
     ({"prompt": "a" * 100, "max_tokens": 1}, None, 400, "prompt"),  # longer than the model takes
     ({"prompt": "TO BE"}, None, 400, "prompt"),  # characters the vocabulary lacks
     ({"prompt": "to be", "stream": "yes"}, None, 400, "stream"),
@@ -428,6 +436,27 @@ def test_fields_left_at_values_that_ask_for_nothing_are_accepted(text_server):
     status, answer = post(text_server.url, {"prompt": "to be", "max_tokens": 3, "logprobs": None, "echo": False,
                                             "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0})
     assert status == 200 and len(answer["choices"][0]["text"]) == 3
+
+
+@pytest.mark.parametrize("fields", [
+    {"top_p": 1}, {"top_p": 0.9}, {"seed": 0}, {"top_k": 1}, {"logprobs": 20}, {"stop": ["w", "x", "y", "z"]},
+    {"stop": "a stop string longer than four characters"},
+])
+def test_values_at_the_edges_of_what_a_field_allows_are_accepted(text_server, fields):
+    needs_cpu()
+    status, answer = post(text_server.url, {"prompt": "to be", "max_tokens": 3, **fields})
+    assert status == 200 and answer["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_omitted_max_tokens_are_openais_defaults(text_server, chat_server):
+    """16 for a completion; for a chat, the rest of the context."""
+    needs_cpu()
+    status, answer = post(text_server.url, {"prompt": "to be", "temperature": 0})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 16
+    assert answer["choices"][0]["finish_reason"] == "length"
+    status, answer = post(chat_server.url, {"messages": [{"role": "user", "content": "hi"}], "temperature": 0},
+                          path="/v1/chat/completions")
+    assert status == 200 and answer["usage"]["prompt_tokens"] + answer["usage"]["completion_tokens"] <= BLOCK
 
 
 def test_a_body_over_the_limit_is_413_and_unknown_routes_404(text_server, monkeypatch):
@@ -525,6 +554,77 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(text_server):
         time.sleep(0.05)
     assert not engine.has_work() and engine.free_blocks == engine.num_blocks
     assert engine.requests == {}  # finished (cancelled) and forgotten
+
+
+def slowed(server: Running, seconds: float):
+    """Make each engine step take `seconds` (a big model's pace): connections then wait on
+    an empty queue between updates."""
+    engine, step = server.engine, server.engine.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+    engine.step = slow_step
+    return server
+
+
+def test_a_client_that_leaves_before_its_whole_answer_cancels_it_and_a_slow_engine_still_answers():
+    needs_cpu()
+    server = slowed(Running(CharTokenizer(TEXT), "slow"), 0.15)
+    try:
+        status, answer = post(server.url, {"prompt": "to be", "max_tokens": 3, "temperature": 0})
+        assert status == 200 and answer["choices"][0]["text"] == greedy_text(server, "to be", 3)
+        host, port = server.server.server_address[:2]
+        computed = server.engine.computed_tokens
+        connection = http.client.HTTPConnection(host, port, timeout=30)
+        connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "to be", "max_tokens": 50}),
+                           headers={"Content-Type": "application/json"})
+        time.sleep(0.3)  # (its first steps run)
+        connection.close()  # the client leaves before the whole answer
+        engine, deadline = server.engine, time.monotonic() + 10
+        while (engine.has_work() or engine.requests) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.requests == {} and engine.computed_tokens - computed < 20  # cancelled, well before 5 + 49
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_that_fails_gives_a_500_or_an_error_event_not_a_hang(stream, monkeypatch):
+    needs_cpu()
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # (the engine thread's own report)
+    server = Running(CharTokenizer(TEXT), "failing")
+
+    def broken_step():
+        raise RuntimeError("a bug")
+    server.engine.step = broken_step
+    try:
+        if stream:
+            chunks = [json.loads(line[6:]) for line in urllib.request.urlopen(urllib.request.Request(
+                server.url + "/v1/completions", data=json.dumps({"prompt": "to be", "stream": True}).encode()),
+                timeout=30).read().decode().splitlines() if line.startswith("data: ")]
+            assert chunks == [{"error": {"message": "RuntimeError('a bug')", "type": "server_error"}}]
+        else:
+            status, error = post(server.url, {"prompt": "to be"})
+            assert status == 500 and error["error"]["message"] == "the engine failed: RuntimeError('a bug')"
+            assert error["error"]["type"] == "server_error"
+    finally:
+        server.close()
+
+
+def test_a_streams_logprobs_come_even_in_steps_whose_text_is_held_back(text_server):
+    """Text that could start a stop string waits; its tokens' log-probabilities do not."""
+    needs_cpu()
+    full = greedy_text(text_server, "to be or", 20)
+    stop = full[5] + "#"  # (its first character appears, the whole string never: text is held back, then released)
+    chunks = stream_chunks(text_server, "/v1/completions", {
+        "prompt": "to be or", "max_tokens": 20, "temperature": 0, "stop": stop, "logprobs": 0, "stream": True,
+        "stream_options": {"include_usage": True}})
+    entries = [token for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+               for token in c["choices"][0]["logprobs"]["tokens"]]
+    assert "".join(entries) == "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == full
+    assert any(c["choices"] and c["choices"][0]["text"] == "" and c["choices"][0]["finish_reason"] is None
+               for c in chunks)  # (a step that held its text back)
 
 
 def test_a_client_that_hangs_up_leaves_no_traceback(text_server, capsys):

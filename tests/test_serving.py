@@ -812,6 +812,45 @@ def test_a_scored_prompt_gets_each_tokens_log_probability_from_the_whole_prompts
     assert_pool_is_empty(engine)
 
 
+def test_the_engine_thread_sends_a_prompts_scores_once_and_only_when_asked():
+    """EngineLoop (model/engine_thread.py): a scored request's first update carries its
+    prompt's scores, its later ones do not; an unscored request's never do. And the most
+    alternatives allowed, 20, are allowed."""
+    from model.engine_thread import EngineLoop
+    engine = Engine(tiny_gpt(), max_batch_size=4, page_size=4, num_blocks=32)
+    loop = EngineLoop(engine)
+    loop.start()
+    try:
+        params = dict(max_new_tokens=3, temperature=0, top_k=None, top_p=None, seed=None, stop=(), logprobs=20)
+        given = prompts([6, 7], seed=5)
+        (scored,), scored_updates = loop.submit([given[0]], {**params, "prompt_logprobs": 20})
+        (plain,), plain_updates = loop.submit([given[1]], {**params, "prompt_logprobs": None})
+        updates = [scored_updates.get(timeout=10) for _ in range(3)] + [plain_updates.get(timeout=10) for _ in range(3)]
+    finally:
+        loop.stopping.set()
+        loop.join(timeout=5)
+    assert ["prompt_logprobs" in u for u in updates] == [True, False, False, False, False, False]
+    assert [token for token, _, top in updates[0]["prompt_logprobs"]] == given[0][1:]
+    assert all(len(top) == 20 for _, _, top in updates[0]["prompt_logprobs"] + updates[0]["logprobs"])
+
+
+def test_a_scored_prompts_last_chunk_beside_another_prompts_first_scores_its_own_columns():
+    """The wanted columns of a scored chunk that starts mid-prompt, in a step where another
+    prompt's unfinished chunk makes only some columns wanted (so each must be the right one)."""
+    model = tiny_gpt()
+    engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=32, max_step_tokens=8)
+    scored, other = prompts([18, 20], seed=4)
+    rid = engine.submit(scored, 3, temperature=0, prompt_logprobs=1)
+    engine.step(), engine.step()  # its tokens 0-7, then 8-15
+    engine.submit(other, 3, temperature=0)
+    engine.step()  # its last two (from 16) and the other's first six
+    assert engine.request(rid).num_cached == 18 and engine.computed_tokens == 24
+    engine.run()
+    log_p = log_softmax_of(model, scored)
+    np.testing.assert_allclose([lp for _, lp, _ in engine.request(rid).prompt_token_logprobs],
+                               [log_p[t, token] for t, token in enumerate(scored[1:])], rtol=1e-5, atol=1e-6)
+
+
 # --- refusals ---------------------------------------------------------------------------------
 
 
