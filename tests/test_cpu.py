@@ -161,6 +161,56 @@ def test_a_small_product_of_several_rows_runs_on_one_blas_thread(monkeypatch):
         assert blas.calls == []
 
 
+def test_one_thread_switches_blas_once_for_a_whole_step_and_gives_it_back(monkeypatch):
+    """cpu.one_thread: inside, BLAS runs on one thread and num_threads() is 1, so the small
+    products in it (small_matmul) switch nothing themselves; after it, even after an
+    error, both are as they were. With one thread already, it switches nothing."""
+    calls = []
+    threads = {"n": 2}
+
+    def set_threads(n):
+        calls.append(n)
+        threads["n"] = n
+    monkeypatch.setattr(cpu, "_blas_libraries", lambda: [(lambda: threads["n"], set_threads)])
+    rng = np.random.default_rng(0)
+    w, x = (rng.standard_normal(shape).astype(np.float32) for shape in ((512, 128), (128, 8)))
+    with cpu.threads(2):
+        with pytest.raises(RuntimeError):
+            with cpu.one_thread():
+                assert cpu.num_threads() == 1 and threads["n"] == 1
+                np.testing.assert_array_equal(cpu.small_matmul(w, x), w @ x)
+                raise RuntimeError("a step that fails")
+        assert calls == [1, 2] and cpu.num_threads() == 2 and threads["n"] == 2
+    calls.clear()
+    with cpu.threads(1):
+        with cpu.one_thread():
+            assert cpu.num_threads() == 1
+    assert calls == []
+
+
+@pytest.mark.parametrize("layout", ["column_major", "row_major"])
+@pytest.mark.parametrize("rows", [1, 8, 300])  # (a few rows, and more than fast.SMALL_ROWS)
+def test_the_fast_kernels_write_into_given_buffers_the_numbers_they_return(layout, rows):
+    """linear_rows, layer_norm_rows and gelu_array with out= (model/prepared_decode.py keeps
+    its buffers) give what they give into arrays of their own, to the bit."""
+    from tinygrad_lite.fast import gelu_array, layer_norm_rows, linear_rows
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((rows, 24)).astype(np.float32)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    w = np.asfortranarray(w) if layout == "column_major" else w
+    b = rng.standard_normal(40).astype(np.float32)
+    out = np.full((rows, 40), np.nan, dtype=np.float32)
+    assert linear_rows(x, w, b, out) is out
+    np.testing.assert_array_equal(out, linear_rows(x, w, b))
+    buffers = tuple(np.full(shape, np.nan, dtype=np.float32) for shape in ((rows, 24), (rows, 24), (rows, 1)))
+    for given, own in zip(layer_norm_rows(x, w[0], b[:24], 1e-5, buffers), layer_norm_rows(x, w[0], b[:24], 1e-5)):
+        np.testing.assert_array_equal(given, own)
+    assert layer_norm_rows(x, w[0], None, 1e-5, buffers)[0] is buffers[0]
+    out = np.full_like(x, np.nan)
+    assert gelu_array(x, out) is out
+    np.testing.assert_array_equal(out, gelu_array(x))
+
+
 def test_thread_generators_are_per_thread():
     with backend.use_generator(7):
         a = backend.rand((3,), "cpu")

@@ -181,9 +181,10 @@ def apply_settings(wanted: dict[str, Any]) -> None:
 ONE_THREAD_MACS = 1 << 21  # multiply-adds up to which a product of several rows runs on one BLAS thread
 
 
-def small_matmul(a, b):
-    """a (m, k) @ b (k, n) for a small product: with BLAS on one thread when m > 1 and
-    n > 1 and it is at most ONE_THREAD_MACS multiply-adds.
+def small_matmul(a, b, out=None):
+    """a (m, k) @ b (k, n) for a small product (into `out`, a contiguous (m, n) array, when
+    given): with BLAS on one thread when m > 1 and n > 1 and it is at most ONE_THREAD_MACS
+    multiply-adds.
 
     NOTE: OpenBLAS splits a product of a few columns (W x^T for 8 x 128 rows x and a
     512 x 128 W: a decoded token of 8 sequences) over its threads, and waking the other
@@ -194,12 +195,40 @@ def small_matmul(a, b):
     """
     if not (min(a.shape[0], b.shape[-1]) > 1 and a.size * b.shape[-1] <= ONE_THREAD_MACS and isinstance(a, numpy.ndarray)
             and num_threads() > 1):
-        return a @ b
+        return _product(a, b, out)
     before = _blas_on_one_thread()
     try:
-        return a @ b
+        return _product(a, b, out)
     finally:
         _restore_blas_threads(before)
+
+
+def _product(a, b, out=None):
+    if out is None:
+        return a @ b
+    if isinstance(a, numpy.ndarray):
+        return numpy.matmul(a, b, out=out)
+    out[...] = a @ b  # (CuPy, the strict wrapper: this module leaves their array modules alone)
+    return out
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Inside: this process uses one core (BLAS and parallel_rows), switched in a few us, not
+    through threadpoolctl. For a step made of small products only (a small model's decode
+    step), around which small_matmul would otherwise switch BLAS to one thread and back
+    for each product (model/prepared_decode.py)."""
+    global _threads
+    if num_threads() == 1:
+        yield
+        return
+    previous, _threads = _threads, 1
+    before = _blas_on_one_thread()
+    try:
+        yield
+    finally:
+        _restore_blas_threads(before)
+        _threads = previous
 
 
 def _blas_on_one_thread() -> list[int]:

@@ -75,10 +75,10 @@ def _gelu_backward(x, y, grad, d):
     d *= grad
 
 
-def gelu_array(x):
+def gelu_array(x, out=None):
     """gelu(x) of a contiguous array: FastGELU's forward, also run by the lean decode step
-    (model/fast_decode.py)."""
-    out = xp_of(x).empty_like(x)
+    (model/fast_decode.py); into `out` (contiguous, x's shape) when given."""
+    out = xp_of(x).empty_like(x) if out is None else out
     if x.size <= CHUNK_ELEMENTS:  # one piece (a decoded token's few rows): no pool, no pieces
         _gelu_forward(x, out)
     else:
@@ -167,12 +167,14 @@ def _layer_norm_backward(grad, xhat, rstd, weight, dx, g_xhat):
     dx *= rstd
 
 
-def layer_norm_rows(x2d, weight, bias, eps):
+def layer_norm_rows(x2d, weight, bias, eps, buffers=None):
     """Layer norm of rows (N, C) -> (out, xhat, rstd (N, 1)): FastLayerNorm's forward, also
-    run by the lean decode step (model/fast_decode.py)."""
-    xp = xp_of(x2d)
-    out, xhat = xp.empty_like(x2d), xp.empty_like(x2d)
-    rstd = xp.empty((x2d.shape[0], 1), dtype=x2d.dtype)
+    run by the lean decode step (model/fast_decode.py); into `buffers` (out, xhat, rstd)
+    when given."""
+    if buffers is None:
+        xp = xp_of(x2d)
+        buffers = xp.empty_like(x2d), xp.empty_like(x2d), xp.empty((x2d.shape[0], 1), dtype=x2d.dtype)
+    out, xhat, rstd = buffers
     if x2d.size < PARALLEL_MIN_SIZE:  # one block anyway (a decoded token's few rows): no pool
         _layer_norm_forward(x2d, weight, bias, eps, out, xhat, rstd)
     else:
@@ -206,15 +208,20 @@ class FastLayerNorm(Function):
 SMALL_ROWS = 256  # up to this many rows, (W x^T)^T is the faster product for a row-major W (measured below)
 
 
-def linear_rows(x2d, weight, bias=None):
+def linear_rows(x2d, weight, bias=None, out=None):
     """x2d (N, in) @ W^T + b -> (N, out): FastLinear's forward (the product by W's layout, see
-    below), also run by the lean decode step (model/fast_decode.py)."""
+    below), also run by the lean decode step (model/fast_decode.py); into `out` (a
+    contiguous (N, out) array) when given."""
     if column_major(weight):  # W^T row-major: (N, in) @ (in, out) as it lies
-        out = small_matmul(x2d, weight.T)
+        out = small_matmul(x2d, weight.T, out)
     elif x2d.shape[0] <= SMALL_ROWS:
-        out = xp_of(x2d).ascontiguousarray(small_matmul(weight, x2d.T).T)  # (N, out)
+        product = small_matmul(weight, x2d.T)  # (out, N)
+        if out is None:
+            out = xp_of(x2d).ascontiguousarray(product.T)  # (N, out)
+        else:
+            out[...] = product.T
     else:
-        out = x2d @ weight.T
+        out = x2d @ weight.T if out is None else xp_of(x2d).matmul(x2d, weight.T, out=out)
     if bias is not None:
         out += bias
     return out
