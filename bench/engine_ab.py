@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the repo root, for `python bench/engine_ab.py`
-ENGINE_FILES = ("paged_kv_cache", "paged_batch", "fast_decode", "serving")  # in import order
+ENGINE_FILES = ("paged_kv_cache", "paged_batch", "fast_decode", "prepared_decode", "serving")  # in import order
 
 
 def load_engine(commit: str):

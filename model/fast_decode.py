@@ -48,16 +48,20 @@ def _layer_norm(x2d, norm: Any):
     return layer_norm_rows(x2d, norm.weight.data, None if norm.bias is None else norm.bias.data, norm.eps)[0]
 
 
-def _attention(queries, keys, values, lengths=None):
+def _attention(queries, keys, values, lengths=None, out=None):
     """The paged cache's causal attention (g, nh, n, hs) over (g, nh, context, hs): for one
     query each (decoding), fast_attention.decode_forward itself, as FastAttention would run
     it, with `lengths` (g) masking each sequence's keys past its own in the same call;
-    otherwise that op (a prefill's tiles, in blocks on the cores)."""
+    otherwise that op (a prefill's tiles, in blocks on the cores). Into `out` when given."""
     if queries.shape[-2] == 1 and queries.size < SPLIT_MIN_SIZE:
         xp = backend.xp_of(queries)
         bias = None if lengths is None else key_bias(lengths, keys.shape[-2], xp, queries.dtype)
-        return decode_forward(queries, keys, values, xp.empty_like(queries), bias)
-    return causal_attention(queries, keys, values, lengths)
+        return decode_forward(queries, keys, values, xp.empty_like(queries) if out is None else out, bias)
+    y = causal_attention(queries, keys, values, lengths)
+    if out is None:
+        return y
+    out[...] = y
+    return out
 
 
 def key_bias(lengths, context: int, xp, dtype):

@@ -34,9 +34,11 @@ from typing import Any, Sequence
 
 from tinygrad_lite import backend, no_grad
 
+from . import fast_decode
 from .generate import TextFollower, _check_stops
 from .paged_batch import PagedBatch
 from .paged_kv_cache import PagedKVCache, page_key
+from .prepared_decode import PreparedDecode
 from .sampling import Sampler, token_log_prob
 
 MAX_LOGPROBS = 20  # alternatives a request may ask to see beside each token (as vLLM's default limit)
@@ -128,10 +130,13 @@ class Engine:
         prefix_hits (pages reused), prefix_hit_tokens (prompt tokens not recomputed).
     max_step_tokens is the token budget of one step; prefix_caching=False turns sharing off
     (lab/batching.py measures what it saves), and then nothing is kept for later requests.
+    prepared_decode=False runs steady decode steps through the model's lean step, not the
+    prepared one (model/prepared_decode.py; the same logits, slower).
     """
 
     def __init__(self, model: Any, max_batch_size: int = 8, page_size: int = 16, num_blocks: int = 256,
-                 tokenizer: Any = None, max_step_tokens: int = 2048, prefix_caching: bool = True) -> None:
+                 tokenizer: Any = None, max_step_tokens: int = 2048, prefix_caching: bool = True,
+                 prepared_decode: bool = True) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("page_size", page_size),
                             ("num_blocks", num_blocks), ("max_step_tokens", max_step_tokens)):
             if not isinstance(value, int) or value < 1:
@@ -162,6 +167,8 @@ class Engine:
         self._view: PagedBatch | None = None  # the last forward's layout of the batch (_forward)
         self._row: list[Request] = []  # the last forward's requests, in the order of its row
         self._regrouped = True  # has a sequence joined, left or been preempted since then?
+        self.prepared_decode = prepared_decode
+        self._prepared: PreparedDecode | None = None  # (its buffers: made at the first steady step)
 
     # --- the public API -----------------------------------------------------------------
 
@@ -382,7 +389,13 @@ class Engine:
         columns = wanted or [len(ids) - 1]  # (only prefill chunks: their keys and values are the point)
         at = None if len(columns) == len(ids) else backend.asarray(columns, device)  # None: all (decode)
         with no_grad():
-            logits, _ = self.model(backend.asarray([ids], device), cache=view, logits_at=at)
+            if self.prepared_decode and view.plan is not None and view.plan.steady and \
+                    fast_decode.applies(self.model, view, None):  # (the lean step's conditions hold)
+                if self._prepared is None:
+                    self._prepared = PreparedDecode(self.model, self.max_batch_size)
+                logits = self._prepared(ids, self.cache.slab, view.plan.decode)  # (S, V)
+            else:
+                logits = self.model(backend.asarray([ids], device), cache=view, logits_at=at)[0].data[0]
         self._view, self._regrouped = view, False
         self.forward_passes += 1
         self.computed_tokens += len(ids)
@@ -390,7 +403,7 @@ class Engine:
             request.num_cached += n
             if self.prefix_caching and request.num_cached // self.page_size > len(request.page_keys):
                 self._register_full_pages(request)  # (without a prefix cache, nobody would look them up)
-        rows = backend.to_numpy(logits.data[0])[:len(wanted)]
+        rows = backend.to_numpy(logits)[:len(wanted)]
         if len(wanted) > len(due):  # some rows score prompts
             rows = self._score_prompts(rows, scoring)
         return due, rows  # (R, V)

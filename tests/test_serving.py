@@ -89,6 +89,39 @@ def test_the_lean_step_gives_the_engine_the_usual_paths_logits(bias, staggered, 
             np.testing.assert_array_equal(lean, usual)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("staggered", [False, True])
+@pytest.mark.parametrize("one_thread", [True, False])
+def test_the_prepared_decode_step_gives_the_lean_steps_logits_to_the_bit(bias, staggered, one_thread, monkeypatch):
+    # model/prepared_decode.py runs the engine's steady decode steps with buffers kept
+    # from step to step (and, for small products, BLAS on one thread for the whole step):
+    # the lean step's kernels in its order, so the same logits to the bit, with sequences
+    # of one length and of different ones (masked), and one sequence alone at the end
+    from tinygrad_lite import cpu
+    from model.prepared_decode import PreparedDecode
+    if not one_thread:  # every product "large": the step leaves BLAS's threads to small_matmul
+        monkeypatch.setattr(cpu, "ONE_THREAD_MACS", 0)
+    model = tiny_gpt(bias=bias)
+    logits, prepared = {}, []
+    real = PreparedDecode.__call__
+    monkeypatch.setattr(PreparedDecode, "__call__", lambda self, ids, *a: prepared.append(len(ids)) or real(self, ids, *a))
+    for on in (True, False):
+        engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=32, prepared_decode=on))
+        seen = logits[on] = []
+        engine._forward = _recording(engine, seen)
+        for i, p in enumerate(prompts([5, 9, 3, 7] if staggered else [6, 6, 6], seed=4)):
+            engine.submit(p, 6 + 2 * i if staggered else 9, temperature=0)
+            if staggered:
+                engine.step()
+        engine.run()
+        assert_pool_is_empty(engine)
+    assert len(logits[True]) == len(logits[False]) > 8
+    for with_it, without in zip(logits[True], logits[False]):
+        np.testing.assert_array_equal(with_it, without)
+    assert len(prepared) > len(logits[True]) // 2 and (1 in prepared) == staggered  # most steps; alone at the end
+    assert max(prepared) == (4 if staggered else 3)
+
+
 def logits_by_request(engine: Engine) -> dict:
     """Record, from now on, the logits each request's tokens are chosen from: {id: [(V,)]}.
     (A tiny random model's greedy tokens hardly depend on attention; its logits do.)"""
@@ -328,15 +361,19 @@ def test_one_forward_pass_per_step_with_sequences_of_different_lengths(monkeypat
     engine = Engine(model, max_batch_size=4, page_size=4, num_blocks=64)
     for p in prompts([3, 7, 12]):
         engine.submit(p, 8, temperature=0)
-    calls = []
-    real_forward = GPT.forward
-    monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: calls.append(1) or real_forward(self, *a, **k))
+    from model.prepared_decode import PreparedDecode
+    calls = []  # forward passes: the model's, or the prepared decode step's (model/prepared_decode.py)
+    real_forward, real_prepared = GPT.forward, PreparedDecode.__call__
+    monkeypatch.setattr(GPT, "forward", lambda self, *a, **k: calls.append("model") or real_forward(self, *a, **k))
+    monkeypatch.setattr(PreparedDecode, "__call__",
+                        lambda self, *a: calls.append("prepared") or real_prepared(self, *a))
     engine.step()  # the three prefills, together
-    assert len(calls) == 1 and len(engine.running) == 3
+    assert calls == ["model"] and len(engine.running) == 3
     for _ in range(5):
         calls.clear()
         emitted = engine.step()
         assert len(calls) == 1 and len(emitted) == 3  # three ragged decodes, one pass
+    assert calls == ["prepared"]  # (steady steps: the same sequences, a token further each)
     assert {len(r.tokens) for r in engine.running} == {9, 13, 18}
 
 
@@ -346,9 +383,9 @@ def attention_calls(monkeypatch, shape) -> list:
     from model import fast_decode
     calls, real = [], fast_decode._attention
 
-    def spy(q, k, v, lengths=None):
+    def spy(q, k, v, lengths=None, out=None):
         calls.append(shape(q, k, lengths))
-        return real(q, k, v, lengths)
+        return real(q, k, v, lengths, out)
     monkeypatch.setattr(fast_decode, "_attention", spy)
     return calls
 
