@@ -13,7 +13,7 @@ kernel. So `PreparedDecode` decides once:
   writes into the first S rows of its own (out=);
 - when every product of the step is small (cpu.ONE_THREAD_MACS: the tiny and the 4 x 128
   models at any batch, not GPT-2), BLAS goes to one thread once for the whole step, not
-  once around each product (cpu.small_matmul);
+  once around each product (cpu.small_matmul), and each product goes straight to BLAS;
 - no Tensor, no Module call, no autograd or tier checks per op.
 It runs fast_decode.forward's kernels on the same arrays in the same order (that step
 runs over the same slab through PagedBatch.attend), so its logits are the lean step's to
@@ -24,10 +24,10 @@ NOTE: measured in docs/performance.md ("Fourteenth round").
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from typing import Any, Callable
 
 from tinygrad_lite import backend, cpu
+from tinygrad_lite.backend import column_major
 from tinygrad_lite.fast import gelu_array, layer_norm_rows, linear_rows
 
 from . import fast_decode
@@ -57,11 +57,12 @@ class PreparedDecode:
         """ids: the S decoding members' new tokens, slot by slot; plan: their DecodePlan
         (slots 0 .. S-1, their positions, lengths after this step, the longest)."""
         S = plan.count
-        small = self.on_host and S > 1 and S * self.macs_per_row <= cpu.ONE_THREAD_MACS  # (small_matmul's rule)
-        with cpu.one_thread() if small else contextlib.nullcontext():
-            return self._step(ids, slab, plan)
+        if self.on_host and S > 1 and S * self.macs_per_row <= cpu.ONE_THREAD_MACS:  # (small_matmul's rule)
+            with cpu.one_thread():  # every product small: BLAS on one thread, switched once
+                return self._step(ids, slab, plan, _small_linear)
+        return self._step(ids, slab, plan, _linear)
 
-    def _step(self, ids: list[int], slab: Any, plan: Any) -> Any:
+    def _step(self, ids: list[int], slab: Any, plan: Any, linear: Callable) -> Any:
         model, S = self.model, plan.count
         C, n_head = model.config.n_embd, model.config.n_head
         x, normed, qkv, y = self.x[:S], self.normed[:S], self.qkv[:S], self.y[:S]
@@ -74,18 +75,18 @@ class PreparedDecode:
         for layer, block in enumerate(model.h):
             attn, mlp = block.attn, block.mlp
             _layer_norm(x, block.ln_1, norm)
-            _linear(normed, attn.c_attn, qkv)
+            linear(normed, attn.c_attn, qkv)
             keys, values = slab.k[layer], slab.v[layer]  # (the slab's arrays may have grown since)
             keys[plan.slots, :, plan.positions] = heads[:, 1]
             values[plan.slots, :, plan.positions] = heads[:, 2]
             fast_decode._attention(heads[:, 0, :, None], keys[:S, :, :plan.longest], values[:S, :, :plan.longest],
                                    plan.lengths, out=y.reshape(S, n_head, 1, C // n_head))
-            _linear(y, attn.c_proj, projected)
+            linear(y, attn.c_proj, projected)
             x += projected  # the residual stream
             _layer_norm(x, block.ln_2, norm)
-            _linear(normed, mlp.c_fc, hidden)
+            linear(normed, mlp.c_fc, hidden)
             gelu_array(hidden, activated)
-            _linear(activated, mlp.c_proj, projected)
+            linear(activated, mlp.c_proj, projected)
             x += projected
         _layer_norm(x, model.ln_f, norm)
         return linear_rows(normed, wte, None, self.logits[:S])  # tied output head (S, V)
@@ -93,6 +94,18 @@ class PreparedDecode:
 
 def _linear(x2d, layer: Any, out) -> None:
     linear_rows(x2d, layer.weight.data, None if layer.bias is None else layer.bias.data, out)
+
+
+def _small_linear(x2d, layer: Any, out) -> None:
+    """linear_rows's product when BLAS is on one thread already (cpu.one_thread): for
+    nn.Linear's column-major weight, x W^T straight into `out`, skipping the checks that
+    linear_rows and small_matmul make at every call (~3 us a product, 17 products a step)."""
+    weight = layer.weight.data
+    if not column_major(weight):
+        return _linear(x2d, layer, out)
+    backend.xp_of(x2d).matmul(x2d, weight.T, out=out)  # (NumPy's: a small step is on the host)
+    if layer.bias is not None:
+        out += layer.bias.data
 
 
 def _layer_norm(x2d, norm: Any, buffers: tuple) -> None:

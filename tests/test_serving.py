@@ -102,6 +102,9 @@ def test_the_prepared_decode_step_gives_the_lean_steps_logits_to_the_bit(bias, s
     if not one_thread:  # every product "large": the step leaves BLAS's threads to small_matmul
         monkeypatch.setattr(cpu, "ONE_THREAD_MACS", 0)
     model = tiny_gpt(bias=bias)
+    if bias:  # and one weight row-major (an array someone put there): linear_rows's other product
+        model.h[0].mlp.c_fc.weight.data = np.ascontiguousarray(backend.to_numpy(model.h[0].mlp.c_fc.weight.data))
+        model.h[0].mlp.c_fc.weight.data = backend.asarray(model.h[0].mlp.c_fc.weight.data, model.wte.weight.device)
     logits, prepared = {}, []
     real = PreparedDecode.__call__
     monkeypatch.setattr(PreparedDecode, "__call__", lambda self, ids, *a: prepared.append(len(ids)) or real(self, ids, *a))
