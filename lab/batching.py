@@ -10,9 +10,11 @@ The model is bench/decode_speed.py's: random weights (speed does not depend on t
    batch and the engine with max_batch_size 8, 61 alternating repeats (the ratio of their
    tokens/s from the medians, and the median of the repeats' own ratios). One engine
    serves all repeats, as a server's does; every repeat brings new prompts, so the
-   prefix cache skips nothing. Twice: the engine as a server runs it (its prefix cache
-   keeps every full page for later requests) and without a prefix cache (it keeps
-   nothing, as generate() does).
+   prefix cache skips nothing. Three engines: as a server runs it (its prefix cache keeps
+   every full page for later requests), without a prefix cache (it keeps nothing, as
+   generate() does), and with its steady decode steps on the model's lean step, as
+   generate()'s are, instead of the prepared step (model/prepared_decode.py): what the
+   engine's own bookkeeping costs.
 2. The batch-size trade-off: N requests all waiting at time 0, max_batch_size 1 .. 32.
    Throughput (generated tokens / wall time) rises with the batch; so does each
    request's time per output token (TPOT), and the time to first token (TTFT) of the
@@ -56,10 +58,12 @@ QUICK = dict(same_work_prompt=16, same_work_new=8, same_work_repeats=2, n=6, pro
 PAGE_SIZE = 16
 
 
-def make_engine(model: GPT, max_batch_size: int, prefix_caching: bool = True, share: float = 0.25) -> Engine:
+def make_engine(model: GPT, max_batch_size: int, prefix_caching: bool = True, share: float = 0.25,
+                prepared_decode: bool = True) -> Engine:
     """An engine whose pool holds `share` of max_batch_size full contexts (generate() holds them all)."""
     pages = int(max_batch_size * -(-model.config.block_size // PAGE_SIZE) * share)
-    return Engine(model, max_batch_size, PAGE_SIZE, max(pages, 64), prefix_caching=prefix_caching)
+    return Engine(model, max_batch_size, PAGE_SIZE, max(pages, 64), prefix_caching=prefix_caching,
+                  prepared_decode=prepared_decode)
 
 
 def latency_summary(engine: Engine, rids: list[int], start: float, end: float) -> dict:
@@ -88,9 +92,12 @@ def same_work(model: GPT, s: dict, rng) -> dict:
     # one engine serves every repeat, as a server's does; each repeat brings new prompts
     # (the prefix cache must not skip their prefill), and generate() sizes its own cache.
     # Two engines: the server's default keeps every full page for later requests (prefix
-    # caching), and one without a prefix cache keeps nothing, as generate() does
+    # caching), and one without a prefix cache keeps nothing, as generate() does. A third runs
+    # its steady decode steps on the model's lean step, as generate() does, not on the
+    # prepared one (model/prepared_decode.py): what the engine's bookkeeping costs
     engines = {"engine": make_engine(model, 8, share=1.0),  # the memory of generate()'s cache: no preemption
-               "engine_no_prefix_cache": make_engine(model, 8, prefix_caching=False, share=1.0)}
+               "engine_no_prefix_cache": make_engine(model, 8, prefix_caching=False, share=1.0),
+               "engine_lean_step": make_engine(model, 8, share=1.0, prepared_decode=False)}
 
     def run(who: str, prompts: list[list[int]]) -> list[list[int]]:
         if who == "generate":
@@ -104,18 +111,18 @@ def same_work(model: GPT, s: dict, rng) -> dict:
     def new_prompts() -> list[list[int]]:
         return rng.integers(0, MODEL["vocab_size"], (8, s["same_work_prompt"])).tolist()
 
-    names = ("generate", "engine", "engine_no_prefix_cache")
+    names = ("generate", "engine", "engine_no_prefix_cache", "engine_lean_step")
     for who in names:  # warm-up, untimed
         run(who, new_prompts())
     times = {who: [] for who in names}
     same = True
     for r in range(s["same_work_repeats"]):
         prompts, outputs = new_prompts(), {}
-        for who in in_turn(names, r):  # each goes first, second and third in turn
+        for who in in_turn(names, r):  # each goes first, second, ... in turn
             start = time.perf_counter()
             outputs[who] = run(who, prompts)
             times[who].append(time.perf_counter() - start)
-        same = same and outputs["generate"] == outputs["engine"] == outputs["engine_no_prefix_cache"]
+        same = same and all(outputs[who] == outputs["generate"] for who in names)
     med = {who: statistics.median(t) for who, t in times.items()}
     out = {"prompt_tokens": s["same_work_prompt"], "new_tokens": n_new, "batch": 8, "repeats": s["same_work_repeats"],
            "same_tokens": same, "prefix_hits": engines["engine"].prefix_hits}
@@ -130,7 +137,9 @@ def same_work(model: GPT, s: dict, rng) -> dict:
         f"{out['engine_vs_generate_pairs']:.3f}), without a prefix cache "
         f"{out['engine_no_prefix_cache_tokens_per_s']:.0f} "
         f"(ratio {out['engine_no_prefix_cache_vs_generate']:.3f}, pairs "
-        f"{out['engine_no_prefix_cache_vs_generate_pairs']:.3f}), same tokens: {out['same_tokens']}")
+        f"{out['engine_no_prefix_cache_vs_generate_pairs']:.3f}), on the lean step "
+        f"{out['engine_lean_step_tokens_per_s']:.0f} (ratio {out['engine_lean_step_vs_generate']:.3f}, pairs "
+        f"{out['engine_lean_step_vs_generate_pairs']:.3f}), same tokens: {out['same_tokens']}")
     return out
 
 
@@ -295,7 +304,9 @@ def main(argv=None) -> int:
         "prefill_saved_share": results["prefix_sharing"]["prefill_saved_share"],
         **{key: results["same_work"][key] for key in ("engine_vs_generate", "engine_vs_generate_pairs",
                                                        "engine_no_prefix_cache_vs_generate",
-                                                       "engine_no_prefix_cache_vs_generate_pairs")}}
+                                                       "engine_no_prefix_cache_vs_generate_pairs",
+                                                       "engine_lean_step_vs_generate",
+                                                       "engine_lean_step_vs_generate_pairs")}}
     results["wall_s"] = time.perf_counter() - start
     write_results(Path(args.out), "batching", results, plot(results))
     return 0

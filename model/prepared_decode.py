@@ -3,16 +3,17 @@
 Most steps of a running batch look alike: the same sequences, one new token each, every
 one a position further than the step before (PagedBatch.next_step plans such a *steady*
 step). A GPU serving engine records such a step once as a CUDA graph and replays it, so
-its kernels run back to back with nothing decided in between (vLLM and nano-vllm keep one
-graph per batch size; Hugging Face's generate() keeps none). NumPy cannot record its
-calls, but the idea pays here too: in a small model's decode step the arithmetic is a
-small part of the time, and the rest is deciding, allocating and dispatching around each
-kernel. So `PreparedDecode` decides once:
+its kernels run back to back with nothing decided in between (vLLM and nano-vllm capture
+a graph for each of several batch sizes; a plain generation loop captures none). NumPy
+cannot record its calls, but the idea pays here too: a small model's decode step is a
+few hundred NumPy calls on small arrays, and what the lean step does around each one
+(choosing the kernel, allocating its output, switching BLAS's threads) adds up. So
+`PreparedDecode` decides once:
 - every array the step computes (the residual stream (S, C), q k v (S, 3C), the MLP's
   (S, 4C), the logits (S, V)) is allocated once, for max_batch_size rows; each kernel
   writes into the first S rows of its own (out=);
-- when every product of the step is small (cpu.ONE_THREAD_MACS: the tiny and the 4 x 128
-  models at any batch, not GPT-2), BLAS goes to one thread once for the whole step, not
+- when every product of the step is small (cpu.ONE_THREAD_MACS: the tiny models, the 4 x 128
+  one up to 32 sequences, not GPT-2), BLAS goes to one thread once for the whole step, not
   once around each product (cpu.small_matmul), and each product goes straight to BLAS;
 - no Tensor, no Module call, no autograd or tier checks per op.
 It runs fast_decode.forward's kernels on the same arrays in the same order (that step
