@@ -62,8 +62,8 @@ def make_engine(model: GPT, max_batch_size: int, prefix_caching: bool = True, sh
                 prepared_decode: bool = True) -> Engine:
     """An engine whose pool holds `share` of max_batch_size full contexts (generate() holds them all)."""
     pages = int(max_batch_size * -(-model.config.block_size // PAGE_SIZE) * share)
-    return Engine(model, max_batch_size, PAGE_SIZE, max(pages, 64), prefix_caching=prefix_caching,
-                  prepared_decode=prepared_decode)
+    unprepared = {} if prepared_decode else {"prepared_decode": False}  # (older engines: bench/engine_ab.py)
+    return Engine(model, max_batch_size, PAGE_SIZE, max(pages, 64), prefix_caching=prefix_caching, **unprepared)
 
 
 def latency_summary(engine: Engine, rids: list[int], start: float, end: float) -> dict:
