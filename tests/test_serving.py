@@ -91,23 +91,35 @@ def test_the_lean_step_gives_the_engine_the_usual_paths_logits(bias, staggered, 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("staggered", [False, True])
-@pytest.mark.parametrize("one_thread", [True, False])
-def test_the_prepared_decode_step_gives_the_lean_steps_logits_to_the_bit(bias, staggered, one_thread, monkeypatch):
+@pytest.mark.parametrize("rule", ["one_thread", "per_product", "attention_in_blocks"])
+def test_the_prepared_decode_step_gives_the_lean_steps_logits_to_the_bit(bias, staggered, rule, monkeypatch):
     # model/prepared_decode.py runs the engine's steady decode steps with buffers kept
     # from step to step (and, for small products, BLAS on one thread for the whole step):
     # the lean step's kernels in its order, so the same logits to the bit, with sequences
-    # of one length and of different ones (masked), and one sequence alone at the end
+    # of one length and of different ones (masked), and one sequence alone at the end.
+    # Every layer norm's weight and bias and every bias are random, so that none of them
+    # can stand for another, nor be left out unseen
     from tinygrad_lite import cpu
+    from model import fast_decode
     from model.prepared_decode import PreparedDecode
-    if not one_thread:  # every product "large": the step leaves BLAS's threads to small_matmul
+    if rule == "per_product":  # every product "large": the step leaves BLAS's threads to small_matmul
         monkeypatch.setattr(cpu, "ONE_THREAD_MACS", 0)
+    if rule == "attention_in_blocks":  # (a big batch's decode: attention by the tier's op, into the buffer)
+        monkeypatch.setattr(fast_decode, "SPLIT_MIN_SIZE", 1)
     model = tiny_gpt(bias=bias)
+    rng = np.random.default_rng(5)
+    for name, param in model.named_parameters():
+        if param.data.ndim == 1:  # layer norms' weights (around 1) and biases, Linear biases
+            values = (1.0 if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight"
+                      else 0.0) + 0.3 * rng.standard_normal(param.data.shape)
+            param.data = backend.asarray(values.astype(np.float32), model.wte.weight.device)
     if bias:  # and one weight row-major (an array someone put there): linear_rows's other product
         model.h[0].mlp.c_fc.weight.data = np.ascontiguousarray(backend.to_numpy(model.h[0].mlp.c_fc.weight.data))
         model.h[0].mlp.c_fc.weight.data = backend.asarray(model.h[0].mlp.c_fc.weight.data, model.wte.weight.device)
-    logits, prepared = {}, []
-    real = PreparedDecode.__call__
+    logits, prepared, one_thread = {}, [], []
+    real, real_one_thread = PreparedDecode.__call__, cpu.one_thread
     monkeypatch.setattr(PreparedDecode, "__call__", lambda self, ids, *a: prepared.append(len(ids)) or real(self, ids, *a))
+    monkeypatch.setattr(cpu, "one_thread", lambda: one_thread.append(1) or real_one_thread())
     for on in (True, False):
         engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=32, prepared_decode=on))
         seen = logits[on] = []
@@ -118,11 +130,17 @@ def test_the_prepared_decode_step_gives_the_lean_steps_logits_to_the_bit(bias, s
                 engine.step()
         engine.run()
         assert_pool_is_empty(engine)
+        if on:
+            calls, switches = len(prepared), len(one_thread)
+    assert (len(prepared), len(one_thread)) == (calls, switches)  # switched off: the lean step throughout
     assert len(logits[True]) == len(logits[False]) > 8
     for with_it, without in zip(logits[True], logits[False]):
         np.testing.assert_array_equal(with_it, without)
     assert len(prepared) > len(logits[True]) // 2 and (1 in prepared) == staggered  # most steps; alone at the end
     assert max(prepared) == (4 if staggered else 3)
+    small_steps = sum(n > 1 for n in prepared)  # (one sequence: a matrix-vector product, left to BLAS's threads)
+    on_host = backend.device_of(model.wte.weight.data) == "cpu"
+    assert len(one_thread) == (small_steps if rule != "per_product" and on_host else 0)
 
 
 def logits_by_request(engine: Engine) -> dict:
