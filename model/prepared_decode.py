@@ -59,7 +59,7 @@ class PreparedDecode:
         (slots 0 .. S-1, their positions, lengths after this step, the longest)."""
         S = plan.count
         if self.on_host and S > 1 and S * self.macs_per_row <= cpu.ONE_THREAD_MACS:  # (small_matmul's rule)
-            with cpu.one_thread():  # every product small: BLAS on one thread, switched once
+            with cpu.threads(1):  # every product small: BLAS on one thread, switched once
                 return self._step(ids, slab, plan, _small_linear)
         return self._step(ids, slab, plan, _linear)
 
@@ -98,7 +98,7 @@ def _linear(x2d, layer: Any, out) -> None:
 
 
 def _small_linear(x2d, layer: Any, out) -> None:
-    """linear_rows's product when BLAS is on one thread already (cpu.one_thread): for
+    """linear_rows's product when BLAS is on one thread already (cpu.threads(1)): for
     nn.Linear's column-major weight, x W^T straight into `out`, skipping the checks that
     linear_rows and small_matmul make at every call (~3 us a product, 17 products a step)."""
     weight = layer.weight.data

@@ -161,10 +161,10 @@ def test_a_small_product_of_several_rows_runs_on_one_blas_thread(monkeypatch):
         assert blas.calls == []
 
 
-def test_one_thread_switches_blas_once_for_a_whole_step_and_gives_it_back(monkeypatch):
-    """cpu.one_thread: inside, BLAS runs on one thread and num_threads() is 1, so the small
-    products in it (small_matmul) switch nothing themselves; after it, even after an
-    error, both are as they were. With one thread already, it switches nothing."""
+def test_threads_switches_blas_through_its_own_setters_and_gives_it_back(monkeypatch):
+    """cpu.threads(1) around a whole step (model/prepared_decode.py): inside, BLAS runs on
+    one thread and num_threads() is 1, so the small products in it (small_matmul) switch
+    nothing themselves; after it, even after an error, both are as they were."""
     calls = []
     threads = {"n": 2}
 
@@ -175,17 +175,13 @@ def test_one_thread_switches_blas_once_for_a_whole_step_and_gives_it_back(monkey
     rng = np.random.default_rng(0)
     w, x = (rng.standard_normal(shape).astype(np.float32) for shape in ((512, 128), (128, 8)))
     with cpu.threads(2):
+        calls.clear()
         with pytest.raises(RuntimeError):
-            with cpu.one_thread():
+            with cpu.threads(1):
                 assert cpu.num_threads() == 1 and threads["n"] == 1
                 np.testing.assert_array_equal(cpu.small_matmul(w, x), w @ x)
                 raise RuntimeError("a step that fails")
         assert calls == [1, 2] and cpu.num_threads() == 2 and threads["n"] == 2
-    calls.clear()
-    with cpu.threads(1):
-        with cpu.one_thread():
-            assert cpu.num_threads() == 1
-    assert calls == []
 
 
 @pytest.mark.parametrize("layout", ["column_major", "row_major"])

@@ -117,9 +117,10 @@ def test_the_prepared_decode_step_gives_the_lean_steps_logits_to_the_bit(bias, s
         model.h[0].mlp.c_fc.weight.data = np.ascontiguousarray(backend.to_numpy(model.h[0].mlp.c_fc.weight.data))
         model.h[0].mlp.c_fc.weight.data = backend.asarray(model.h[0].mlp.c_fc.weight.data, model.wte.weight.device)
     logits, prepared, one_thread = {}, [], []
-    real, real_one_thread = PreparedDecode.__call__, cpu.one_thread
-    monkeypatch.setattr(PreparedDecode, "__call__", lambda self, ids, *a: prepared.append(len(ids)) or real(self, ids, *a))
-    monkeypatch.setattr(cpu, "one_thread", lambda: one_thread.append(1) or real_one_thread())
+    real, real_threads = PreparedDecode.__call__, cpu.threads
+    monkeypatch.setattr(PreparedDecode, "__call__",
+                        lambda self, ids, *a: prepared.append(len(ids)) or real(self, ids, *a))
+    monkeypatch.setattr(cpu, "threads", lambda n: one_thread.append(n) or real_threads(n))
     for on in (True, False):
         engine = poisoned(Engine(model, max_batch_size=4, page_size=4, num_blocks=32, prepared_decode=on))
         seen = logits[on] = []
@@ -140,7 +141,7 @@ def test_the_prepared_decode_step_gives_the_lean_steps_logits_to_the_bit(bias, s
     assert max(prepared) == (4 if staggered else 3)
     small_steps = sum(n > 1 for n in prepared)  # (one sequence: a matrix-vector product, left to BLAS's threads)
     on_host = backend.device_of(model.wte.weight.data) == "cpu"
-    assert len(one_thread) == (small_steps if rule != "per_product" and on_host else 0)
+    assert one_thread == [1] * (small_steps if rule != "per_product" and on_host else 0)
 
 
 def logits_by_request(engine: Engine) -> dict:

@@ -47,7 +47,6 @@ _threads: int | None = None  # this process's thread budget; None: the default
 _default_threads: int | None = None  # read from the environment on first use, then kept
 _malloc_tuned = False
 _pool = None  # the kernels' thread pool, started on first use (never at import)
-_blas_controller = None
 _blas_libs = None  # the BLAS libraries' thread controls, for parallel_rows
 
 
@@ -95,19 +94,6 @@ def num_threads() -> int:
     return _default_threads
 
 
-def _limit_blas(n: int):
-    """A context limiting BLAS to n threads, through threadpoolctl (which knows how to find
-    OpenBLAS, MKL and BLIS inside NumPy); a no-op without it."""
-    global _blas_controller
-    try:
-        if _blas_controller is None:
-            import threadpoolctl
-            _blas_controller = threadpoolctl.ThreadpoolController()
-        return _blas_controller.limit(limits=n, user_api="blas")
-    except ImportError:
-        return contextlib.nullcontext()
-
-
 def _blas_libraries() -> list:
     """(get_num_threads, set_num_threads) of each BLAS library loaded (found once through
     threadpoolctl), [] without it.
@@ -135,15 +121,19 @@ def _blas_libraries() -> list:
 
 @contextlib.contextmanager
 def threads(n: int):
-    """Inside: this process uses at most `n` cores, for BLAS and for parallel_rows."""
+    """Inside: this process uses at most `n` cores, for BLAS and for parallel_rows. Entered
+    in a few us (the BLAS libraries' own setters: _blas_libraries), so a step made of
+    small products can run inside threads(1) (model/prepared_decode.py) rather than have
+    small_matmul switch BLAS to one thread and back around each product."""
     global _threads
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     previous, _threads = _threads, n
+    before = _set_blas_threads(n)
     try:
-        with _limit_blas(n):
-            yield
+        yield
     finally:
+        _restore_blas_threads(before)
         _threads = previous
 
 
@@ -196,7 +186,7 @@ def small_matmul(a, b, out=None):
     if not (min(a.shape[0], b.shape[-1]) > 1 and a.size * b.shape[-1] <= ONE_THREAD_MACS and isinstance(a, numpy.ndarray)
             and num_threads() > 1):
         return _product(a, b, out)
-    before = _blas_on_one_thread()
+    before = _set_blas_threads(1)
     try:
         return _product(a, b, out)
     finally:
@@ -212,31 +202,12 @@ def _product(a, b, out=None):
     return out
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Inside: this process uses one core (BLAS and parallel_rows), switched in a few us, not
-    through threadpoolctl. For a step made of small products only (a small model's decode
-    step), around which small_matmul would otherwise switch BLAS to one thread and back
-    for each product (model/prepared_decode.py)."""
-    global _threads
-    if num_threads() == 1:
-        yield
-        return
-    previous, _threads = _threads, 1
-    before = _blas_on_one_thread()
-    try:
-        yield
-    finally:
-        _restore_blas_threads(before)
-        _threads = previous
-
-
-def _blas_on_one_thread() -> list[int]:
-    """Put every BLAS library on one thread; returns their thread counts before."""
+def _set_blas_threads(n: int) -> list[int]:
+    """Put every BLAS library on n threads; returns their thread counts before."""
     libraries = _blas_libraries()
     before = [get_threads() for get_threads, _ in libraries]
     for _, set_threads in libraries:
-        set_threads(1)
+        set_threads(n)
     return before
 
 
@@ -308,7 +279,7 @@ def parallel_rows(kernel, *arrays, blocks=None, extras=None, chunked=False) -> l
     if _pool is None:
         from concurrent.futures import ThreadPoolExecutor
         _pool = ThreadPoolExecutor(max(num_threads(), len(blocks)) - 1, thread_name_prefix="tinygrad_lite")
-    before = _blas_on_one_thread()
+    before = _set_blas_threads(1)
     try:
         futures = [_pool.submit(run, i) for i in range(1, len(blocks))]
         first = run(0)  # the calling thread does the first block
