@@ -40,12 +40,13 @@ def applies(model: Any, cache: Any, targets: Any) -> bool:
     return model.wpe is not None and not any(block.attn.keep_weights for block in model.h)
 
 
-def _linear(x2d, layer: Any):
-    return linear_rows(x2d, layer.weight.data, None if layer.bias is None else layer.bias.data)
+def _linear(x2d, layer: Any, out=None):
+    return linear_rows(x2d, layer.weight.data, None if layer.bias is None else layer.bias.data, out)
 
 
-def _layer_norm(x2d, norm: Any):
-    return layer_norm_rows(x2d, norm.weight.data, None if norm.bias is None else norm.bias.data, norm.eps)[0]
+def _layer_norm(x2d, norm: Any, buffers=None):
+    bias = None if norm.bias is None else norm.bias.data
+    return layer_norm_rows(x2d, norm.weight.data, bias, norm.eps, buffers)[0]
 
 
 def _attention(queries, keys, values, lengths=None, out=None):

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from tinygrad_lite import backend, cpu
 from tinygrad_lite.backend import column_major
-from tinygrad_lite.fast import gelu_array, layer_norm_rows, linear_rows
+from tinygrad_lite.fast import gelu_array, linear_rows
 
 from . import fast_decode
 
@@ -61,7 +61,7 @@ class PreparedDecode:
         if self.on_host and S > 1 and S * self.macs_per_row <= cpu.ONE_THREAD_MACS:  # (small_matmul's rule)
             with cpu.threads(1):  # every product small: BLAS on one thread, switched once
                 return self._step(ids, slab, plan, _small_linear)
-        return self._step(ids, slab, plan, _linear)
+        return self._step(ids, slab, plan, fast_decode._linear)
 
     def _step(self, ids: list[int], slab: Any, plan: Any, linear: Callable) -> Any:
         model, S = self.model, plan.count
@@ -75,7 +75,7 @@ class PreparedDecode:
         heads = qkv.reshape(S, 3, n_head, C // n_head)  # (S, 3, nh, hs) views: each row's q, k, v
         for layer, block in enumerate(model.h):
             attn, mlp = block.attn, block.mlp
-            _layer_norm(x, block.ln_1, norm)
+            fast_decode._layer_norm(x, block.ln_1, norm)
             linear(normed, attn.c_attn, qkv)
             keys, values = slab.k[layer], slab.v[layer]  # (the slab's arrays may have grown since)
             keys[plan.slots, :, plan.positions] = heads[:, 1]
@@ -84,17 +84,13 @@ class PreparedDecode:
                                    plan.lengths, out=y.reshape(S, n_head, 1, C // n_head))
             linear(y, attn.c_proj, projected)
             x += projected  # the residual stream
-            _layer_norm(x, block.ln_2, norm)
+            fast_decode._layer_norm(x, block.ln_2, norm)
             linear(normed, mlp.c_fc, hidden)
             gelu_array(hidden, activated)
             linear(activated, mlp.c_proj, projected)
             x += projected
-        _layer_norm(x, model.ln_f, norm)
+        fast_decode._layer_norm(x, model.ln_f, norm)
         return linear_rows(normed, wte, None, self.logits[:S])  # tied output head (S, V)
-
-
-def _linear(x2d, layer: Any, out) -> None:
-    linear_rows(x2d, layer.weight.data, None if layer.bias is None else layer.bias.data, out)
 
 
 def _small_linear(x2d, layer: Any, out) -> None:
@@ -103,11 +99,7 @@ def _small_linear(x2d, layer: Any, out) -> None:
     linear_rows and small_matmul make at every call (~3 us a product, 17 products a step)."""
     weight = layer.weight.data
     if not column_major(weight):
-        return _linear(x2d, layer, out)
+        return fast_decode._linear(x2d, layer, out)
     backend.xp_of(x2d).matmul(x2d, weight.T, out=out)  # (NumPy's: a small step is on the host)
     if layer.bias is not None:
         out += layer.bias.data
-
-
-def _layer_norm(x2d, norm: Any, buffers: tuple) -> None:
-    layer_norm_rows(x2d, norm.weight.data, None if norm.bias is None else norm.bias.data, norm.eps, buffers)
